@@ -1,0 +1,44 @@
+# The README's commands. `make run` and `make test` each set up everything they need first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MODEL_DIR ?= models/tiny-gpt2
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: install model run test test-fast lint format bench clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# torch first and pinned: this exact version is the CPU build (see setup.cfg).
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed  ## create .venv and install the service with its dev tools
+
+$(MODEL_DIR)/config.json: | $(VENV)/.installed
+	$(PY) -m llmapi.build_model --size tiny --out $(MODEL_DIR)
+
+model: $(MODEL_DIR)/config.json  ## build the offline tiny GPT-2 into models/tiny-gpt2
+
+run: install model  ## serve the offline model on :8000 with gunicorn (makes an API key if API_KEY is unset)
+	@key="$${API_KEY:-$$(cat .api_key 2>/dev/null || $(PY) -c 'import secrets; print(secrets.token_urlsafe(24))' | tee .api_key)}"; \
+	echo "llmapi: API key: $$key (header x-api-key)"; \
+	API_KEY="$$key" MODEL_NAME="$${MODEL_NAME:-$(MODEL_DIR)}" exec $(VENV)/bin/gunicorn -c gunicorn.conf.py wsgi:app
+
+test: install model  ## run the whole test suite (unit, engine, real gunicorn)
+	$(PY) -m pytest
+
+test-fast: install model  ## the tests that start no process
+	$(PY) -m pytest -m "not slow"
+
+lint: install  ## ruff lint and format check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,73 @@
+"""llmapi: a Flask service that serves a Hugging Face causal language model."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Flask
+from flask_smorest import Api
+
+from llmapi import api, errors, health
+from llmapi.auth import EXTENSION as KEYS_EXTENSION
+from llmapi.config import Settings
+from llmapi.schemas import ErrorSchema
+from llmapi.service import EngineFactory, EngineService, load_engine
+
+__version__ = "0.1.0"
+
+
+class SpecApi(Api):
+    """flask-smorest's Api, documenting our error shape wherever it documents an error."""
+
+    ERROR_SCHEMA = ErrorSchema
+
+
+def create_app(
+    test_config: Mapping[str, Any] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    engine_factory: EngineFactory = load_engine,
+) -> Flask:
+    """Build the app from the environment, or from `test_config` overrides alone when given."""
+    if test_config is not None:
+        settings = Settings.from_env(environ or {}, **test_config)
+    else:
+        settings = Settings.from_env(environ)
+    app = Flask(__name__)
+    app.config.from_mapping(flask_config(settings))
+    app.json.sort_keys = False  # keep fields in schema order, as clients print them
+    configure_logging(settings.log_level)
+    app.extensions[KEYS_EXTENSION] = tuple(key.encode("utf-8") for key in settings.keys)
+    EngineService(settings, engine_factory).init_app(app)
+    spec = SpecApi(app)
+    spec.register_blueprint(health.blp)
+    spec.register_blueprint(api.create_blueprint(settings))
+    errors.register(app)  # after Api(), so that these handlers replace flask-smorest's own
+    return app
+
+
+def flask_config(settings: Settings) -> dict[str, Any]:
+    """Flask and flask-smorest settings derived from ours."""
+    return {
+        "LLMAPI_SETTINGS": settings,
+        "MAX_CONTENT_LENGTH": settings.max_body_bytes,
+        "API_TITLE": "llmapi",
+        "API_VERSION": __version__,
+        "OPENAPI_VERSION": "3.0.3",
+        "OPENAPI_URL_PREFIX": "/",
+        "OPENAPI_JSON_PATH": "openapi.json",
+    }
+
+
+def configure_logging(level: str) -> None:
+    """Send llmapi's logs to stderr (gunicorn's error log) once per process."""
+    logger = logging.getLogger("llmapi")
+    logger.setLevel(level.upper())
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False

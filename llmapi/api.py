@@ -1,0 +1,123 @@
+"""The API blueprint: POST /generate, loaded with a schema, run on the engine, dumped with a schema."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from flask import Response, current_app, request
+from flask_smorest import Blueprint
+
+from llmapi.auth import require_api_key
+from llmapi.config import Settings
+from llmapi.engine.types import EngineError, GenerationRequest, GenerationResult
+from llmapi.errors import APIError, error_body, from_engine_error
+from llmapi.schemas import ErrorSchema, GenerateResponseSchema, build
+from llmapi.service import HandleLike, engine_service
+
+log = logging.getLogger(__name__)
+
+SAMPLING_KEYS = ("temperature", "top_p", "top_k")
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def require_json() -> None:
+    """before_request hook: bodies must be JSON."""
+    if request.method in ("POST", "PUT", "PATCH") and not request.is_json:
+        raise APIError("Content-Type must be application/json.", status=415)
+
+
+def to_generation_request(args: dict[str, Any]) -> GenerationRequest:
+    """Resolve a validated /generate body into an engine request."""
+    do_sample = args.get("do_sample")
+    if do_sample is None:
+        do_sample = any(key in args for key in SAMPLING_KEYS)
+    return GenerationRequest(
+        prompt=args["prompt"],
+        max_new_tokens=args["max_new_tokens"],
+        min_new_tokens=args["min_new_tokens"],
+        do_sample=do_sample,
+        temperature=args.get("temperature", 1.0),
+        top_p=args.get("top_p", 1.0),
+        top_k=args.get("top_k", 0),
+        repetition_penalty=args["repetition_penalty"],
+        seed=args.get("seed"),
+        stop=args.get("stop", ()),
+        timeout_s=args["timeout_ms"] / 1000.0,
+        stream=args["stream"],
+    )
+
+
+def generate_body(result: GenerationResult, args: dict[str, Any]) -> dict[str, Any]:
+    """Build the /generate answer from a result."""
+    text = args["prompt"] + result.text if args["return_full_text"] else result.text
+    return {
+        "generated_text": text,
+        "finish_reason": result.finish_reason,
+        "stop_sequence": result.stop_sequence,
+        "usage": {
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": result.completion_tokens,
+            "total_tokens": result.total_tokens,
+        },
+        "model": result.model,
+        "seed": result.seed,
+    }
+
+
+def sse(data: dict[str, Any]) -> str:
+    """Format one Server-Sent Event."""
+    return f"data: {json.dumps(data)}\n\n"
+
+
+def stream_events(handle: HandleLike, args: dict[str, Any]) -> Iterator[str]:
+    """Yield a token event per text piece, then the full answer; errors go in-band; hang-ups cancel."""
+    try:
+        for item in handle.pieces():
+            if isinstance(item, GenerationResult):
+                yield sse(GenerateResponseSchema().dump(generate_body(item, args)))
+                return
+            yield sse({"token": {"text": item}})
+    except EngineError as exc:
+        failure = from_engine_error(exc)
+        yield sse(error_body(failure.message, status=failure.status, param=failure.param))
+    except Exception:
+        log.exception("stream failed")
+        yield sse(error_body("The server had an unexpected error.", status=500))
+    finally:
+        # Runs on normal end and when the server closes the generator because the client went away.
+        handle.cancel()
+
+
+def settings() -> Settings:
+    """The current app's settings."""
+    return current_app.config["LLMAPI_SETTINGS"]
+
+
+def create_blueprint(app_settings: Settings) -> Blueprint:
+    """Build the generation blueprint with the request limits of `app_settings`."""
+    schemas = build(app_settings)
+    blp = Blueprint("generation", __name__, description="Text generation with the served model.")
+    blp.before_request(require_api_key)
+    blp.before_request(require_json)
+
+    @blp.route("/generate", methods=["POST"])
+    @blp.arguments(schemas.generate, example={"prompt": "Artificial Intelligence is", "max_new_tokens": 40})
+    @blp.response(200, GenerateResponseSchema)
+    @blp.alt_response(401, schema=ErrorSchema, description="Missing or invalid API key")
+    @blp.alt_response(422, schema=ErrorSchema, description="Invalid parameters or too long for the context")
+    @blp.alt_response(503, schema=ErrorSchema, description="Model unavailable")
+    def generate(args: dict[str, Any]) -> Any:
+        """Generate a continuation of the prompt.
+
+        With `"stream": true` the answer is `text/event-stream`: one `{"token": {"text": ...}}` event per
+        piece of text, then one event with the full answer (the 200 body below).
+        """
+        handle = engine_service().get().submit(to_generation_request(args))
+        if args["stream"]:
+            return Response(stream_events(handle, args), mimetype="text/event-stream", headers=SSE_HEADERS)
+        return generate_body(handle.result(), args)
+
+    return blp

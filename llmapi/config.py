@@ -1,0 +1,157 @@
+"""Settings read from the environment: the one place that does, checked once at start-up."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+DEFAULT_MODEL = "sshleifer/tiny-gpt2"
+
+
+class ConfigError(ValueError):
+    """A setting is missing or has a value the service cannot run with."""
+
+
+def _int(name: str, raw: str) -> int:
+    """Parse a whole number or explain which variable is wrong."""
+    try:
+        return int(raw.strip())
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+
+
+def _float(name: str, raw: str) -> float:
+    """Parse a number or explain which variable is wrong."""
+    try:
+        return float(raw.strip())
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+
+
+def _bool(name: str, raw: str) -> bool:
+    """Parse 1/0, true/false, yes/no, on/off."""
+    value = raw.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off", ""}:
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
+def _str(name: str, raw: str) -> str:
+    """Keep a string as it is, stripped."""
+    return raw.strip()
+
+
+def _keys(name: str, raw: str) -> tuple[str, ...]:
+    """Split a comma-separated key list, dropping blanks."""
+    return tuple(key.strip() for key in raw.split(",") if key.strip())
+
+
+PARSERS: dict[Any, Callable[[str, str], Any]] = {
+    int: _int,
+    float: _float,
+    bool: _bool,
+    str: _str,
+    "int": _int,
+    "float": _float,
+    "bool": _bool,
+    "str": _str,
+    "str | None": _str,
+}
+
+
+def env(name: str, default: Any = None, *, doc: str = "") -> Any:
+    """Declare a setting read from the environment variable `name`."""
+    return field(default=default, metadata={"env": name, "doc": doc})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the service can be told, with the environment variable that tells it."""
+
+    api_key: str = env("API_KEY", "", doc="the API key clients send in x-api-key (required)")
+    api_keys: str = env("API_KEYS", "", doc="more accepted keys, comma-separated (key rotation)")
+    model_name: str = env("MODEL_NAME", DEFAULT_MODEL, doc="hub id or local Hugging Face directory")
+    model_revision: str = env("MODEL_REVISION", "", doc="hub revision (branch, tag or commit)")
+    model_retry_seconds: float = env(
+        "MODEL_RETRY_SECONDS", 10.0, doc="after a failed load, answer 503 this long before trying again"
+    )
+    max_new_tokens_default: int = env("MAX_NEW_TOKENS_DEFAULT", 40, doc="max_new_tokens when a request has none")
+    max_new_tokens_limit: int = env("MAX_NEW_TOKENS_LIMIT", 512, doc="largest max_new_tokens accepted")
+    max_prompt_chars: int = env("MAX_PROMPT_CHARS", 16_000, doc="longest prompt accepted, in characters")
+    max_body_bytes: int = env("MAX_BODY_BYTES", 262_144, doc="largest request body accepted (413 above)")
+    timeout_default_ms: int = env("GENERATION_TIMEOUT_MS", 60_000, doc="generation deadline when a request sets none")
+    timeout_max_ms: int = env("GENERATION_TIMEOUT_MAX_MS", 120_000, doc="largest timeout_ms a request may ask for")
+    torch_threads: int = env("TORCH_THREADS", 0, doc="torch threads per worker; 0 = cores / workers")
+    max_batch_size: int = env("MAX_BATCH_SIZE", 8, doc="most sequences decoded together in one worker")
+    batch_wait_ms: float = env("BATCH_WAIT_MS", 2.0, doc="how long a new batch waits for company")
+    workers: int = env("WEB_CONCURRENCY", 2, doc="gunicorn worker processes, each with its own model")
+    threads: int = env("GUNICORN_THREADS", 8, doc="gunicorn threads per worker (concurrent requests)")
+    bind: str = env("BIND", "0.0.0.0:8000", doc="address gunicorn listens on")
+    log_level: str = env("LOG_LEVEL", "info", doc="debug, info, warning or error")
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """Every accepted API key, primary first."""
+        return _keys("API_KEY", self.api_key) + _keys("API_KEYS", self.api_keys)
+
+    @property
+    def threads_per_worker(self) -> int:
+        """Torch threads for one worker so that workers x threads fit the cores."""
+        if self.torch_threads > 0:
+            return self.torch_threads
+        return max(1, (os.cpu_count() or 1) // self.workers)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read every setting from `environ` (default os.environ), apply overrides, and check them."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            name = f.metadata["env"]
+            if name in environ:
+                values[f.name] = PARSERS[f.type](name, environ[name])
+        settings = replace(cls(**values), **overrides)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Refuse values the service cannot run with, naming the variable to fix."""
+        if not self.keys:
+            raise ConfigError("no API key configured: set API_KEY (and optionally API_KEYS) in the environment")
+        if not self.model_name:
+            raise ConfigError("MODEL_NAME is empty: set a hub id or a local model directory")
+        positive = {
+            "MAX_NEW_TOKENS_LIMIT": self.max_new_tokens_limit,
+            "MAX_PROMPT_CHARS": self.max_prompt_chars,
+            "MAX_BODY_BYTES": self.max_body_bytes,
+            "GENERATION_TIMEOUT_MAX_MS": self.timeout_max_ms,
+            "MAX_BATCH_SIZE": self.max_batch_size,
+            "WEB_CONCURRENCY": self.workers,
+            "GUNICORN_THREADS": self.threads,
+        }
+        for name, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{name} must be at least 1, got {value}")
+        if not 1 <= self.max_new_tokens_default <= self.max_new_tokens_limit:
+            raise ConfigError(
+                f"MAX_NEW_TOKENS_DEFAULT must be between 1 and MAX_NEW_TOKENS_LIMIT ({self.max_new_tokens_limit}),"
+                f" got {self.max_new_tokens_default}"
+            )
+        if not 1 <= self.timeout_default_ms <= self.timeout_max_ms:
+            raise ConfigError(
+                f"GENERATION_TIMEOUT_MS must be between 1 and GENERATION_TIMEOUT_MAX_MS ({self.timeout_max_ms}),"
+                f" got {self.timeout_default_ms}"
+            )
+        if self.torch_threads < 0 or self.batch_wait_ms < 0 or self.model_retry_seconds < 0:
+            raise ConfigError("TORCH_THREADS, BATCH_WAIT_MS and MODEL_RETRY_SECONDS must not be negative")
+        if self.log_level.lower() not in {"debug", "info", "warning", "error", "critical"}:
+            raise ConfigError(f"LOG_LEVEL must be debug, info, warning or error, got {self.log_level!r}")
+
+
+def documented() -> list[tuple[str, Any, str]]:
+    """List (variable, default, meaning) for every setting, for the README and --help."""
+    return [(f.metadata["env"], f.default, f.metadata["doc"]) for f in fields(Settings)]

@@ -1,0 +1,39 @@
+"""The model side: loading, batching and decoding. Importing this package imports no torch."""
+
+import os
+
+from llmapi.engine.types import (
+    ContextLengthExceeded,
+    EngineError,
+    GenerationRequest,
+    GenerationResult,
+    ModelUnavailable,
+)
+
+__all__ = [
+    "ContextLengthExceeded",
+    "EngineError",
+    "GenerationRequest",
+    "GenerationResult",
+    "ModelUnavailable",
+    "create_engine",
+]
+
+
+def create_engine(
+    model_name: str,
+    *,
+    revision: str | None = None,
+    threads: int = 1,
+    max_batch_size: int = 8,
+    batch_wait_ms: float = 2.0,
+):  # -> llmapi.engine.generator.Engine, typed loosely so that importing this package stays torch-free
+    """Load `model_name` and start an engine on it; torch is imported here, on first use."""
+    # The Rust tokenizer's own thread pool must not start in a process that serves threads of its own.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from llmapi.engine.generator import Engine
+    from llmapi.engine.loader import load, set_threads
+
+    set_threads(threads)
+    loaded = load(model_name, revision=revision)
+    return Engine(loaded, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms)

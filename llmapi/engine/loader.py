@@ -1,0 +1,86 @@
+"""Turn a hub id or a local directory into a ready model and tokenizer, quirks handled here once."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A causal LM in eval mode with its tokenizer and the facts the decoder needs."""
+
+    model: Any
+    tokenizer: Any
+    name: str
+    eos_ids: frozenset[int]
+    pad_id: int
+    context_length: int
+    load_seconds: float
+
+
+def set_threads(threads: int) -> None:
+    """Give torch `threads` intra-op threads in this process, and one inter-op thread."""
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set once in this process, or parallel work already ran
+        pass
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    """Collect every end-of-sequence id the generation config and the tokenizer name."""
+    found = model.generation_config.eos_token_id
+    ids = set(found if isinstance(found, list) else [found] if found is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
+
+
+def _context_length(model: Any, tokenizer: Any) -> int:
+    """Find how many positions the model can attend over."""
+    config = model.config
+    for name in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return int(tokenizer.model_max_length)
+
+
+def load(name: str, *, revision: str | None = None) -> LoadedModel:
+    """Load `name` (hub id or directory) for CPU inference."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    # Progress bars and length warnings go to the server log for every load; our own log says enough.
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    started = time.perf_counter()
+    options = {"revision": revision or None}
+    if os.path.isdir(name):
+        options["local_files_only"] = True
+    tokenizer = AutoTokenizer.from_pretrained(name, **options)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, **options)
+    model.eval()
+    eos_ids = _eos_ids(model, tokenizer)
+    # GPT-2 and many others ship no pad token; padded positions are masked, so any id will do.
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids, default=0)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=name,
+        eos_ids=eos_ids,
+        pad_id=pad_id,
+        context_length=_context_length(model, tokenizer),
+        load_seconds=time.perf_counter() - started,
+    )

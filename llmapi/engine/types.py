@@ -1,0 +1,69 @@
+"""Plain data that crosses between the HTTP side and the engine: requests, results, errors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class EngineError(Exception):
+    """Base class of the errors the engine reports to its callers."""
+
+
+class ModelUnavailable(EngineError):
+    """The model could not be loaded; a later request will try again."""
+
+
+class ContextLengthExceeded(EngineError):
+    """Prompt tokens plus requested new tokens do not fit the model's context window."""
+
+    def __init__(self, *, prompt_tokens: int, max_new_tokens: int, context_length: int) -> None:
+        self.prompt_tokens = prompt_tokens
+        self.max_new_tokens = max_new_tokens
+        self.context_length = context_length
+        super().__init__(
+            f"This model's context length is {context_length} tokens, but the request asks for "
+            f"{prompt_tokens + max_new_tokens} ({prompt_tokens} in the prompt + {max_new_tokens} new tokens). "
+            "Shorten the prompt or lower the number of new tokens."
+        )
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One sequence to generate, with every decoding control already resolved to a value."""
+
+    prompt: str
+    max_new_tokens: int
+    min_new_tokens: int = 0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    timeout_s: float | None = None
+    stream: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        """Whether the next token is always the most likely one."""
+        return not self.do_sample or self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """What one generation produced and how it ended."""
+
+    text: str
+    finish_reason: str  # "length", "eos", "stop", "timeout" or "cancelled"
+    prompt_tokens: int
+    completion_tokens: int
+    model: str
+    seed: int | None = None
+    stop_sequence: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def total_tokens(self) -> int:
+        """Prompt and completion tokens together."""
+        return self.prompt_tokens + self.completion_tokens

@@ -1,0 +1,114 @@
+"""The per-process engine as a Flask extension: created lazily, once, on the first generate."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from flask import Flask, current_app
+
+from llmapi.config import Settings
+from llmapi.engine.types import GenerationRequest, GenerationResult, ModelUnavailable
+
+log = logging.getLogger(__name__)
+EXTENSION = "llmapi.engine"
+
+
+class HandleLike(Protocol):
+    """What the HTTP side uses of a generation in progress."""
+
+    def pieces(self) -> Any: ...
+    def result(self) -> GenerationResult: ...
+    def cancel(self) -> None: ...
+
+
+class EngineLike(Protocol):
+    """What the HTTP side uses of an engine (the real one, or a fake in tests)."""
+
+    model_name: str
+
+    def submit(self, request: GenerationRequest) -> HandleLike: ...
+
+
+EngineFactory = Callable[[Settings], EngineLike]
+
+
+def load_engine(settings: Settings) -> EngineLike:
+    """Load the configured model into a new engine (imports torch)."""
+    from llmapi.engine import create_engine
+
+    return create_engine(
+        settings.model_name,
+        revision=settings.model_revision or None,
+        threads=settings.threads_per_worker,
+        max_batch_size=settings.max_batch_size,
+        batch_wait_ms=settings.batch_wait_ms,
+    )
+
+
+class EngineService:
+    """Holds this process's engine; the first caller loads it while concurrent callers wait."""
+
+    def __init__(self, settings: Settings, factory: EngineFactory = load_engine) -> None:
+        self.settings = settings
+        self._factory = factory
+        self._engine: EngineLike | None = None
+        self._lock = threading.Lock()
+        self._failure: ModelUnavailable | None = None
+        self._failed_at = float("-inf")
+        self._attempts = 0
+
+    def init_app(self, app: Flask) -> None:
+        """Register in app.extensions."""
+        app.extensions[EXTENSION] = self
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the model is loaded in this process."""
+        return self._engine is not None
+
+    @property
+    def failure(self) -> str | None:
+        """Why the last load failed, if it did and nothing loaded since."""
+        return str(self._failure) if self._failure and not self._engine else None
+
+    def get(self) -> EngineLike:
+        """Return the engine, loading it on first use; raise ModelUnavailable if that fails."""
+        engine = self._engine
+        if engine is not None:
+            return engine
+        seen = self._attempts
+        with self._lock:
+            if self._engine is not None:
+                return self._engine
+            # Callers that waited on a failed load share its outcome, and nobody retries too soon.
+            recent = time.monotonic() - self._failed_at < self.settings.model_retry_seconds
+            if self._failure is not None and (self._attempts != seen or recent):
+                raise self._failure
+            return self._load()
+
+    def _load(self) -> EngineLike:
+        """Load the model under the lock, remembering a failure."""
+        self._attempts += 1
+        started = time.perf_counter()
+        name = self.settings.model_name
+        try:
+            self._engine = self._factory(self.settings)
+        except Exception as exc:
+            self._failed_at = time.monotonic()
+            reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            self._failure = ModelUnavailable(f"The model {name!r} could not be loaded: {reason}")
+            log.error("pid=%d model load failed: %s: %s", os.getpid(), type(exc).__name__, reason)
+            raise self._failure from exc
+        self._failure = None
+        log.info("pid=%d loaded model %s in %.2fs", os.getpid(), name, time.perf_counter() - started)
+        return self._engine
+
+
+def engine_service() -> EngineService:
+    """The current app's engine service."""
+    return current_app.extensions[EXTENSION]

@@ -1,0 +1,234 @@
+"""Shared fixtures: the app with a fake engine, the real tiny model, and real gunicorn servers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from llmapi import create_app
+from llmapi.engine.types import ContextLengthExceeded, GenerationRequest, GenerationResult
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = "test-key-1"
+OTHER_KEY = "test-key-2"
+FAKE_CONTEXT = 64
+
+
+class FakeHandle:
+    """A finished generation whose pieces are known in advance."""
+
+    def __init__(self, request: GenerationRequest, pieces: list[str]) -> None:
+        self.request = request
+        self._pieces = pieces
+        self.cancelled = False
+
+    def pieces(self) -> Iterator[str | GenerationResult]:
+        """Yield the canned pieces, then the result."""
+        yield from self._pieces
+        yield self.result()
+
+    def result(self) -> GenerationResult:
+        """Build the result of the canned pieces."""
+        return GenerationResult(
+            text="".join(self._pieces),
+            finish_reason="length",
+            prompt_tokens=len(self.request.prompt.split()),
+            completion_tokens=len(self._pieces),
+            model="fake-model",
+            seed=self.request.seed,
+        )
+
+    def cancel(self) -> None:
+        """Record the cancellation."""
+        self.cancelled = True
+
+
+@dataclass
+class FakeEngine:
+    """Stands in for the model: one word per token, context of FAKE_CONTEXT words."""
+
+    model_name: str = "fake-model"
+    requests: list[GenerationRequest] = field(default_factory=list)
+
+    def submit(self, request: GenerationRequest) -> FakeHandle:
+        """Record the request and answer ' tok' per new token."""
+        prompt_tokens = len(request.prompt.split())
+        if prompt_tokens + request.max_new_tokens > FAKE_CONTEXT:
+            raise ContextLengthExceeded(
+                prompt_tokens=prompt_tokens, max_new_tokens=request.max_new_tokens, context_length=FAKE_CONTEXT
+            )
+        self.requests.append(request)
+        return FakeHandle(request, [" tok"] * request.max_new_tokens)
+
+
+@pytest.fixture
+def fake_engine() -> FakeEngine:
+    """A fresh fake engine."""
+    return FakeEngine()
+
+
+@pytest.fixture
+def app(fake_engine: FakeEngine):
+    """The app with two keys, small limits and the fake engine."""
+    return create_app(
+        {"api_key": KEY, "api_keys": OTHER_KEY, "max_new_tokens_limit": 48, "max_prompt_chars": 200},
+        engine_factory=lambda settings: fake_engine,
+    )
+
+
+@pytest.fixture
+def client(app):
+    """A test client of the app."""
+    return app.test_client()
+
+
+@pytest.fixture
+def auth() -> dict[str, str]:
+    """Headers carrying a valid key."""
+    return {"x-api-key": KEY}
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> str:
+    """The offline tiny GPT-2 directory, built once if missing."""
+    path = Path(os.environ.get("LLMAPI_TEST_MODEL", ROOT / "models" / "tiny-gpt2"))
+    if not (path / "config.json").exists():
+        from llmapi.build_model import build
+
+        build(path, size="tiny")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_model: str):
+    """A real engine on the tiny model, shared by the engine tests."""
+    from llmapi.engine import create_engine
+
+    return create_engine(tiny_model, threads=1, max_batch_size=8, batch_wait_ms=5)
+
+
+def free_port() -> int:
+    """Ask the kernel for a free loopback port."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Server:
+    """A running gunicorn on loopback and its log."""
+
+    process: subprocess.Popen
+    url: str
+    log_path: Path
+    key: str = KEY
+
+    def log(self) -> str:
+        """Everything gunicorn has written so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def post(self, path: str, body: dict[str, Any], **kwargs: Any) -> requests.Response:
+        """POST JSON with the key."""
+        headers = {"x-api-key": self.key, **kwargs.pop("headers", {})}
+        return requests.post(self.url + path, json=body, headers=headers, timeout=kwargs.pop("timeout", 60), **kwargs)
+
+    def worker_pids(self) -> list[int]:
+        """The pids of gunicorn's current workers."""
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.process.pid)], capture_output=True, text=True)
+        return [int(pid) for pid in out.stdout.split()]
+
+    def wait_workers(self, count: int, timeout: float = 20) -> list[int]:
+        """Wait until gunicorn has `count` workers and return their pids."""
+        deadline = time.monotonic() + timeout
+        while len(pids := self.worker_pids()) != count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return pids
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        """Stop gunicorn and return its exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def wait_for_health(url: str, process: subprocess.Popen, timeout: float = 30) -> None:
+    """Poll /health until it answers 200, or fail if gunicorn exits or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"gunicorn exited with {process.returncode}")
+        try:
+            if requests.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError("gunicorn did not answer /health in time")
+
+
+def server_env(**env: str) -> dict[str, str]:
+    """The environment of a test server: this one, minus llmapi settings, plus `env`."""
+    base = {k: v for k, v in os.environ.items() if k not in ("API_KEY", "API_KEYS", "MODEL_NAME")}
+    return {**base, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **env}
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
+    """Start real gunicorn processes with `gunicorn.conf.py`; all are stopped at teardown."""
+    servers: list[Server] = []
+
+    def start(*, wait: bool = True, **env: str) -> Server:
+        port = free_port()
+        defaults = {"API_KEY": KEY, "WEB_CONCURRENCY": "2", "GUNICORN_THREADS": "4"}
+        env = server_env(**{**defaults, **env, "BIND": f"127.0.0.1:{port}"})
+        log_path = tmp_path / f"gunicorn-{port}.log"
+        log_file = log_path.open("wb")
+        cmd = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"]
+        process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        server = Server(process, f"http://127.0.0.1:{port}", log_path)
+        servers.append(server)
+        if wait:
+            wait_for_health(server.url, process)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def run_concurrently(func: Callable[[int], Any], count: int) -> list[Any]:
+    """Call func(0..count-1) on `count` threads at once and return results in order."""
+    results: list[Any] = [None] * count
+    errors: list[BaseException] = []
+
+    def target(i: int) -> None:
+        try:
+            results[i] = func(i)
+        except BaseException as exc:  # re-raised below in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    if errors:
+        raise errors[0]
+    return results
