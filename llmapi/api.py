@@ -115,7 +115,7 @@ def create_blueprint(app_settings: Settings) -> Blueprint:
         With `"stream": true` the answer is `text/event-stream`: one `{"token": {"text": ...}}` event per
         piece of text, then one event with the full answer (the 200 body below).
         """
-        handle = engine_service().get().submit(to_generation_request(args))
+        handle = engine_service().submit(to_generation_request(args))
         if args["stream"]:
             return Response(stream_events(handle, args), mimetype="text/event-stream", headers=SSE_HEADERS)
         return generate_body(handle.result(), args)

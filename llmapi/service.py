@@ -91,6 +91,10 @@ class EngineService:
                 raise self._failure
             return self._load()
 
+    def submit(self, request: GenerationRequest) -> HandleLike:
+        """Start a generation on this process's engine (every generation route goes through here)."""
+        return self.get().submit(request)
+
     def _load(self) -> EngineLike:
         """Load the model under the lock, remembering a failure."""
         self._attempts += 1
