@@ -104,7 +104,8 @@ def create_blueprint(app_settings: Settings) -> Blueprint:
     blp.before_request(require_json)
 
     @blp.route("/generate", methods=["POST"])
-    @blp.arguments(schemas.generate, example={"prompt": "Artificial Intelligence is", "max_new_tokens": 40})
+    # An instance, not the class: webargs would otherwise build (and deep-copy the fields of) one per request.
+    @blp.arguments(schemas.generate(), example={"prompt": "Artificial Intelligence is", "max_new_tokens": 40})
     @blp.response(200, GenerateResponseSchema)
     @blp.alt_response(401, schema=ErrorSchema, description="Missing or invalid API key")
     @blp.alt_response(422, schema=ErrorSchema, description="Invalid parameters or too long for the context")

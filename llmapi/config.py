@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 DEFAULT_MODEL = "sshleifer/tiny-gpt2"
+ENGINE_MODES = ("batch", "simple")
 
 
 class ConfigError(ValueError):
@@ -92,6 +93,9 @@ class Settings:
     threads: int = env("GUNICORN_THREADS", 8, doc="gunicorn threads per worker (concurrent requests)")
     bind: str = env("BIND", "0.0.0.0:8000", doc="address gunicorn listens on")
     log_level: str = env("LOG_LEVEL", "info", doc="debug, info, warning or error")
+    engine_mode: str = env(
+        "ENGINE_MODE", "batch", doc="batch (continuous batching) or simple (one generate per request: the baseline)"
+    )
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -148,6 +152,8 @@ class Settings:
             )
         if self.torch_threads < 0 or self.batch_wait_ms < 0 or self.model_retry_seconds < 0:
             raise ConfigError("TORCH_THREADS, BATCH_WAIT_MS and MODEL_RETRY_SECONDS must not be negative")
+        if self.engine_mode not in ENGINE_MODES:
+            raise ConfigError(f"ENGINE_MODE must be batch or simple, got {self.engine_mode!r}")
         if self.log_level.lower() not in {"debug", "info", "warning", "error", "critical"}:
             raise ConfigError(f"LOG_LEVEL must be debug, info, warning or error, got {self.log_level!r}")
 

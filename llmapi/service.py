@@ -47,6 +47,7 @@ def load_engine(settings: Settings) -> EngineLike:
         threads=settings.threads_per_worker,
         max_batch_size=settings.max_batch_size,
         batch_wait_ms=settings.batch_wait_ms,
+        mode=settings.engine_mode,
     )
 
 

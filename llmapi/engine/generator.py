@@ -1,4 +1,10 @@
-"""The per-process engine: a queue of requests, one decoding thread, batches decoded step by step."""
+"""The per-process engine: a queue of requests and one decoding thread that runs continuous batching.
+
+Rows decode together in a lane, one forward pass per step. Requests that arrive while a lane decodes are
+prefilled and merged into it at the next step (their KV cache and mask left-padded to the lane's length), and a
+row that finishes leaves the lane at once. A request with a seed gets a lane of its own (a batch of one with no
+padding), so that its arithmetic, and so its text, does not depend on what else the server is doing.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +15,11 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
+from llmapi.engine.bytelevel import fast_decoder
 from llmapi.engine.loader import LoadedModel
 from llmapi.engine.sampling import RowControls, choose
 from llmapi.engine.text import IncrementalDecoder, StopMatcher
@@ -55,7 +63,7 @@ class Handle:
 
 
 class Row:
-    """One sequence inside a batch: its request, tokens, text and timing."""
+    """One sequence inside a lane: its request, tokens, text and timing."""
 
     def __init__(self, handle: Handle, prompt_ids: list[int], decoder: IncrementalDecoder, submitted: float) -> None:
         request = handle.request
@@ -72,7 +80,10 @@ class Row:
         self.deadline = submitted + request.timeout_s if request.timeout_s else float("inf")
         self.timings: dict[str, float] = {}
         self.closed = False
+        self.solo = request.seed is not None
         self.seed = request.seed
+        self.steps = 0
+        self.batched = 0  # sum over this row's forward passes of the rows in them
         if not request.greedy and self.seed is None:
             self.seed = random.getrandbits(63)
         generator = torch.Generator().manual_seed(self.seed) if not request.greedy else None
@@ -83,7 +94,7 @@ class Row:
             top_p=request.top_p,
             repetition_penalty=request.repetition_penalty,
             suppress_eos=request.min_new_tokens > 0,
-            seen=list(prompt_ids) if request.repetition_penalty != 1.0 else [],
+            seen=set(prompt_ids) if request.repetition_penalty != 1.0 else set(),
             generator=generator,
         )
 
@@ -107,9 +118,8 @@ class Row:
             self.decoder.ids.append(token)
             self.finish_reason = "eos"
             return
-        if self.controls.seen or self.controls.suppress_eos:
-            self.controls.seen.append(token)
-            self.controls.suppress_eos = self.generated + 1 < request.min_new_tokens
+        self.controls.saw(token)
+        self.controls.suppress_eos = self.generated + 1 < request.min_new_tokens
         self._add_text(self.decoder.push(token))
         if self.finish_reason is None and self.generated >= request.max_new_tokens:
             self.finish_reason = "length"
@@ -142,6 +152,7 @@ class Row:
         self.stream()
         self.closed = True
         self.timings["total_s"] = now - self.submitted
+        self.timings["batch_size"] = self.batched / self.steps if self.steps else 1.0
         result = GenerationResult(
             text=self.text,
             finish_reason=self.finish_reason or "length",
@@ -155,15 +166,71 @@ class Row:
         self.handle._send("done", result)
 
 
+class Lane:
+    """Rows decoded together, one forward pass per step; `next_ids` holds each row's token to feed next."""
+
+    def __init__(self, rows: list[Row], cache: Any, mask: torch.Tensor, positions: torch.Tensor) -> None:
+        self.rows = rows
+        self.cache = cache
+        self.mask = mask  # [rows, cache length]: 1 where the cache holds a real token, 0 for left padding
+        self.positions = positions  # [rows, 1]: the position of each row's last token in the cache
+        self.next_ids = torch.empty((0, 1), dtype=torch.long)
+        self.solo = rows[0].solo
+
+    def keep(self, index: list[int]) -> None:
+        """Keep only the rows at `index`, and drop cache columns that are padding in every row left."""
+        self.rows = [self.rows[i] for i in index]
+        if not self.rows:
+            return
+        select = torch.tensor(index, dtype=torch.long)
+        self.cache.batch_select_indices(select)
+        self.mask, self.positions, self.next_ids = self.mask[select], self.positions[select], self.next_ids[select]
+        lead = int(self.mask.any(dim=0).to(torch.int8).argmax())
+        if lead:
+            self.mask = self.mask[:, lead:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
+
+    def merge(self, other: Lane) -> None:
+        """Append `other`'s rows: the shorter cache and mask are padded on the left to the longer one."""
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            mine.keys = torch.cat([_pad_left(mine.keys, width, 2), _pad_left(theirs.keys, width, 2)])
+            mine.values = torch.cat([_pad_left(mine.values, width, 2), _pad_left(theirs.values, width, 2)])
+        self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(other.mask, width, 1)])
+        self.positions = torch.cat([self.positions, other.positions])
+        self.next_ids = torch.cat([self.next_ids, other.next_ids])
+        self.rows = self.rows + other.rows
+
+
+def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """Zero-pad `tensor` on the left of dimension `dim` to `width`."""
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def mergeable(cache: Any) -> bool:
+    """Whether a cache is a list of plain growing layers, the kind whose rows can be padded and merged."""
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer).__name__ == "DynamicLayer" for layer in layers)
+
+
 class Engine:
-    """Owns one model copy; requests are queued and decoded in batches by one background thread."""
+    """Owns one model copy; requests are queued and decoded in lanes by one background thread."""
 
     def __init__(self, loaded: LoadedModel, *, max_batch_size: int = 8, batch_wait_ms: float = 2.0) -> None:
         self.loaded = loaded
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_ms / 1000.0
         self._tokenizer_lock = threading.Lock()
+        self._piece_decode = fast_decoder(loaded.tokenizer, self.decode)
+        self._eos_list = sorted(loaded.eos_ids)
         self._pending: deque[Row] = deque()
+        self._lanes: list[Lane] = []
         self._wakeup = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="llmapi-engine", daemon=True)
         self._thread.start()
@@ -199,7 +266,7 @@ class Engine:
                 context_length=self.context_length,
             )
         handle = Handle(request)
-        row = Row(handle, prompt_ids, IncrementalDecoder(self.decode), submitted)
+        row = Row(handle, prompt_ids, IncrementalDecoder(self._piece_decode), submitted)
         with self._wakeup:
             self._pending.append(row)
             self._wakeup.notify()
@@ -210,73 +277,130 @@ class Engine:
         return self.submit(request).result()
 
     def _run(self) -> None:
-        """Decode batches forever; a failing batch fails its own requests only."""
+        """Admit requests and advance every lane by one token, forever; a failing lane fails its own rows only."""
         while True:
-            rows = self._take_batch()
-            try:
-                with torch.inference_mode():
-                    self._decode(rows)
-            except Exception as exc:  # a bug or a torch failure: report it to the waiting callers
-                log.exception("generation failed for a batch of %d", len(rows))
-                for row in rows:
-                    if row.finish_reason is None:
-                        row.handle._send("error", EngineError(f"generation failed: {type(exc).__name__}"))
+            with torch.inference_mode():
+                for lane in self._admit():
+                    self._guarded(self._add_lane, lane)
+                for lane in list(self._lanes):
+                    self._guarded(self._step, lane)
+            self._lanes = [lane for lane in self._lanes if lane.rows]
 
-    def _take_batch(self) -> list[Row]:
-        """Wait for work, then give late arrivals a moment to join, up to the batch size."""
+    def _guarded(self, action: Any, lane: Lane | list[Row]) -> None:
+        """Run action(lane); on failure, report it to the lane's waiting callers and drop the lane."""
+        try:
+            action(lane)
+        except Exception as exc:  # a bug or a torch failure: the callers get an error, the engine goes on
+            rows = lane.rows if isinstance(lane, Lane) else lane
+            log.exception("generation failed for %d rows", len(rows))
+            for row in rows:
+                if not row.closed:
+                    row.closed = True
+                    row.handle._send("error", EngineError(f"generation failed: {type(exc).__name__}"))
+            if isinstance(lane, Lane):
+                lane.rows = []
+
+    def _admit(self) -> list[list[Row]]:
+        """Take waiting rows that fit: the shared group, and each seeded row as a group of its own.
+
+        When idle, block for work and give late arrivals batch_wait_ms to join. While lanes decode, take
+        newcomers once the oldest has waited batch_wait_ms or they fill the free room, so that a trickle of
+        arrivals shares one prefill instead of costing one each.
+        """
         with self._wakeup:
-            while not self._pending:
-                self._wakeup.wait()
-            deadline = time.monotonic() + self.batch_wait_s
-            while len(self._pending) < self.max_batch_size:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._wakeup.wait(left)
-            count = min(len(self._pending), self.max_batch_size)
-            return [self._pending.popleft() for _ in range(count)]
+            if not self._lanes:
+                while not self._pending:
+                    self._wakeup.wait()
+                self._wait_for_company()
+            room = self.max_batch_size - sum(len(lane.rows) for lane in self._lanes)
+            if not self._pending or room <= 0:
+                return []
+            waited = time.monotonic() - self._pending[0].submitted
+            if self._lanes and waited < self.batch_wait_s and len(self._pending) < room:
+                return []
+            taken = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
+        shared = [row for row in taken if not row.solo]
+        return ([shared] if shared else []) + [[row] for row in taken if row.solo]
 
-    def _decode(self, rows: list[Row]) -> None:
-        """Prefill the batch, then decode one token per live row per step until every row ends."""
-        rows = self._live(rows, time.monotonic())
-        if not rows:
+    def _wait_for_company(self) -> None:
+        """Hold a new batch open for batch_wait_ms or until it is full (the caller holds the lock)."""
+        deadline = time.monotonic() + self.batch_wait_s
+        while len(self._pending) < self.max_batch_size:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._wakeup.wait(left)
+
+    def _add_lane(self, rows: list[Row]) -> None:
+        """Prefill `rows` into a new lane and merge it into the shared lane when there is one."""
+        lane = self._prefill(rows)
+        if lane is None or not lane.rows:
             return
-        started = time.monotonic()
+        shared = next((other for other in self._lanes if not other.solo and other.rows), None)
+        if not lane.solo and shared is not None and mergeable(shared.cache) and mergeable(lane.cache):
+            shared.merge(lane)
+        else:
+            self._lanes.append(lane)
+
+    def _prefill(self, rows: list[Row]) -> Lane | None:
+        """Run the rows' prompts through the model in one padded batch and choose their first tokens."""
+        now = time.monotonic()
+        rows = self._live(rows, now)
+        if not rows:
+            return None
         for row in rows:
-            row.timings["queue_s"] = started - row.submitted
-            row.timings["batch_size"] = float(len(rows))
+            row.timings["queue_s"] = now - row.submitted
         input_ids, mask = self._left_pad([row.prompt_ids for row in rows])
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.loaded.model(
             input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
         )
-        cache, position = out.cache, positions[:, -1:]
-        logits = out.logits[:, -1, :].float()
-        while rows:
-            tokens = choose(logits, [row.controls for row in rows], sorted(self.loaded.eos_ids))
-            now = time.monotonic()
-            for row, token in zip(rows, tokens):
-                row.timings.setdefault("first_token_s", now - row.submitted)
-                row.push(token, self.loaded.eos_ids)
-                row.stream()
-            if len(self._live(rows, now)) < len(rows):
-                keep = [i for i, row in enumerate(rows) if row.finish_reason is None]
-                if not keep:
-                    return
-                index = torch.tensor(keep, dtype=torch.long)
-                rows, tokens = [rows[i] for i in keep], [tokens[i] for i in keep]
-                cache.batch_select_indices(index)
-                mask, position = mask[index], position[index]
-            mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=-1)
-            position = position + 1
-            next_ids = torch.tensor(tokens, dtype=torch.long).unsqueeze(-1)
-            out = self.loaded.model(
-                input_ids=next_ids, attention_mask=mask, position_ids=position, cache=cache, use_cache=True
-            )
-            cache, logits = out.cache, out.logits[:, -1, :].float()
+        lane = Lane(rows, out.cache, mask, positions[:, -1:])
+        self._choose(lane, out.logits[:, -1, :].float())
+        return lane
+
+    def _step(self, lane: Lane) -> None:
+        """Feed each row's last token, then choose the next one."""
+        now = time.monotonic()
+        if len(self._live(lane.rows, now)) < len(lane.rows):
+            lane.keep([i for i, row in enumerate(lane.rows) if row.finish_reason is None])
+            if not lane.rows:
+                return
+        lane.mask = torch.cat([lane.mask, lane.mask.new_ones((len(lane.rows), 1))], dim=-1)
+        lane.positions = lane.positions + 1
+        out = self.loaded.model(
+            input_ids=lane.next_ids,
+            attention_mask=lane.mask,
+            position_ids=lane.positions,
+            cache=lane.cache,
+            use_cache=True,
+        )
+        lane.cache = out.cache
+        self._choose(lane, out.logits[:, -1, :].float())
+
+    def _choose(self, lane: Lane, logits: torch.Tensor) -> None:
+        """Pick each row's next token, hand it to the row, and let finished rows leave the lane at once."""
+        tokens = choose(logits, [row.controls for row in lane.rows], self._eos_list)
+        now = time.monotonic()
+        size = len(lane.rows)
+        keep = []
+        for i, (row, token) in enumerate(zip(lane.rows, tokens)):
+            if row.steps == 0:
+                row.timings["first_token_s"] = now - row.submitted
+            row.steps += 1
+            row.batched += size
+            row.push(token, self.loaded.eos_ids)
+            row.stream()
+            if row.finish_reason is None:
+                keep.append(i)
+            else:
+                row.finish(self.model_name, now)
+        lane.next_ids = torch.tensor(tokens, dtype=torch.long).unsqueeze(-1)
+        if len(keep) < size:
+            lane.keep(keep)
 
     def _live(self, rows: list[Row], now: float) -> list[Row]:
-        """Finish rows that were cancelled or ran out of time; return all rows, ended ones included."""
+        """Finish rows that were cancelled or ran out of time; return the rows still going."""
         for row in rows:
             if row.finish_reason is None:
                 row.check_time(now)

@@ -1,0 +1,174 @@
+"""The benchmark: `python -m bench [--quick]` (or `make bench`). Prints tables and writes bench/results/*.json.
+
+1. Builds models/tiny-gpt2 and models/small-gpt2 if absent.
+2. The limits in one process, no HTTP (T new tokens, batch 1 and 8): the forward-pass floor, `model.generate`
+   greedy and sampled, and our engine called directly.
+3. The server: real gunicorn with gunicorn.conf.py, in batch mode and in the baseline mode (ENGINE_MODE=simple),
+   under closed-loop load at 1, 8 and 32 clients, greedy and sampled (temperature 0.8), plus seeded sampled
+   requests at 8 clients; cold start to /health, first generate, model load, memory after load and after the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import report
+from bench.server import KEY, ROOT, start, warm
+
+PROMPT = "Artificial Intelligence is"
+MODELS = {"tiny": ROOT / "models" / "tiny-gpt2", "small": ROOT / "models" / "small-gpt2"}
+# (warm-up, window) seconds of each load run: a window several latencies long, after a warm-up of about one.
+WINDOWS = {
+    ("tiny", False): (2.0, 10.0),
+    ("small", False): (10.0, 30.0),
+    ("tiny", True): (1.0, 4.0),
+    ("small", True): (5.0, 12.0),
+}
+
+
+def ensure_models(sizes: list[str]) -> dict[str, str]:
+    """Build the offline models that are missing; return their directories."""
+    from llmapi.build_model import build
+
+    for size in sizes:
+        if not (MODELS[size] / "config.json").exists():
+            print(f"building {size} model into {MODELS[size]} ...", file=sys.stderr)
+            build(MODELS[size], size=size)
+    return {size: str(MODELS[size]) for size in sizes}
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    import torch
+    import transformers
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return {
+        "cpus": os.cpu_count(),
+        "loadavg_at_start": os.getloadavg(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "commit": commit.stdout.strip(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def busy_cores() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = values[3] + values[4]
+    total = sum(values[:8])
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (total - idle) / ticks, total / ticks
+
+
+def run_python(module: str, *args: str, timeout: float = 1800) -> dict[str, Any]:
+    """Run `python -m module args` in a fresh process and parse the JSON it prints last."""
+    out = subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"{module} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def limits(models: dict[str, str], *, quick: bool, new_tokens: int) -> dict[str, Any]:
+    """In-process limits of every model at 1 torch thread and at all cores, each in a fresh process."""
+    figures: dict[str, Any] = {}
+    for size, path in models.items():
+        for threads in sorted({1, os.cpu_count() or 1}):
+            print(f"limits: {size}, {threads} torch thread(s) ...", file=sys.stderr)
+            args = ["--model", path, "--threads", str(threads), "--new-tokens", str(new_tokens)]
+            figures[f"{size}/threads{threads}"] = run_python("bench.limits", *args, *(["--quick"] if quick else []))
+    return figures
+
+
+def load_run(server: Any, body: dict[str, Any], clients: int, window: tuple[float, float]) -> dict[str, Any]:
+    """One closed-loop load in a separate process, with the server's and the machine's CPU use over it."""
+    cpu0, (busy0, total0), wall0 = server.cpu_seconds(), busy_cores(), time.perf_counter()
+    result = run_python(
+        "bench.load",
+        *("--url", server.url + "/generate", "--key", KEY, "--body", json.dumps(body)),
+        *("--clients", str(clients), "--warmup", str(window[0]), "--seconds", str(window[1])),
+    )
+    wall = time.perf_counter() - wall0
+    busy1, _ = busy_cores()
+    result["server_cores"] = (server.cpu_seconds() - cpu0) / wall
+    result["machine_busy_cores"] = (busy1 - busy0) / wall
+    del total0
+    return result
+
+
+def serve(path: str, size: str, mode: str, env: dict[str, str], plan: list[tuple[str, dict, int]], *, quick: bool):
+    """Start one server, warm it, run every load of `plan` on it, and record memory before and after."""
+    print(f"server: {size}, ENGINE_MODE={mode} {env or ''} ...", file=sys.stderr)
+    server = start(path, {"ENGINE_MODE": mode, **env})
+    try:
+        workers = int(env.get("WEB_CONCURRENCY", os.environ.get("WEB_CONCURRENCY", "2")))
+        figures: dict[str, Any] = {"health_s": server.health_s}
+        figures.update(warm(server, plan[0][1], workers))
+        figures["memory_after_load"] = server.memory()
+        loads = {}
+        for name, body, clients in plan:
+            print(f"  {name}, {clients} clients", file=sys.stderr)
+            loads[f"{name}/{clients}"] = load_run(server, body, clients, WINDOWS[(size, quick)])
+        figures["loads"] = loads
+        figures["memory_after_run"] = server.memory()
+        return figures
+    finally:
+        server.stop()
+
+
+def bodies(new_tokens: int) -> dict[str, dict[str, Any]]:
+    """The request bodies: exactly `new_tokens` new tokens (min = max), greedy, sampled, sampled with a seed."""
+    base = {"prompt": PROMPT, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
+    return {
+        "greedy": {**base, "temperature": 0.0},
+        "sampled": {**base, "temperature": 0.8},
+        "seeded": {**base, "temperature": 0.8, "seed": 1234},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the options, run everything asked for, print the report and write the JSON."""
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="short windows and fewer repeats (about 7 minutes)")
+    parser.add_argument("--models", default="tiny,small", help="comma-separated: tiny, small")
+    parser.add_argument("--clients", default="1,8,32", help="closed-loop client counts")
+    parser.add_argument("--new-tokens", type=int, default=32, help="T: new tokens per request")
+    parser.add_argument("--no-limits", action="store_true", help="skip the in-process limits")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the ENGINE_MODE=simple server")
+    parser.add_argument("--out", type=Path, help="JSON file to write (default bench/results/bench-<time>.json)")
+    args = parser.parse_args(argv)
+    sizes = [s.strip() for s in args.models.split(",") if s.strip()]
+    clients = [int(c) for c in args.clients.split(",")]
+    models = ensure_models(sizes)
+    results: dict[str, Any] = {"machine": machine(), "new_tokens": args.new_tokens, "quick": args.quick}
+    if not args.no_limits:
+        results["limits"] = limits(models, quick=args.quick, new_tokens=args.new_tokens)
+    payloads = bodies(args.new_tokens)
+    plan = [(name, payloads[name], n) for name in ("greedy", "sampled") for n in clients]
+    plan.append(("seeded", payloads["seeded"], 8))
+    results["servers"] = {}
+    for size, path in models.items():
+        for mode in ("batch",) if args.no_baseline else ("batch", "simple"):
+            results["servers"][f"{size}/{mode}"] = serve(path, size, mode, {}, plan, quick=args.quick)
+    results["machine"]["loadavg_at_end"] = os.getloadavg()
+    out = args.out or ROOT / "bench" / "results" / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    print(report.render(results))
+    print(f"\nJSON: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,183 @@
+"""Render the benchmark's figures as plain-text tables, with the ratios and the targets beside them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def table(header: list[str], rows: list[list[Any]]) -> str:
+    """Align columns: text to the left, numbers to the right."""
+    cells = [[str(c) for c in header]] + [[fmt(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = []
+    for n, row in enumerate(cells):
+        parts = [c.ljust(w) if i < 2 or n == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(parts).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def fmt(value: Any) -> str:
+    """Numbers with sensible precision; None as a dash."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if value >= 100:
+            return f"{value:,.0f}"
+        if value >= 10:
+            return f"{value:.1f}"
+        return f"{value:.2f}"
+    return str(value)
+
+
+def best_floor(results: dict[str, Any], size: str, batch: int) -> float | None:
+    """The fastest forward-pass floor measured for `size` at `batch`, over thread counts and argmax kinds."""
+    found = [
+        max(figures[f"batch{batch}"]["floor"], figures[f"batch{batch}"]["floor_torch_argmax"])
+        for key, figures in results.get("limits", {}).items()
+        if key.startswith(f"{size}/")
+    ]
+    return max(found) if found else None
+
+
+def limits_table(results: dict[str, Any]) -> str:
+    """The in-process limits, new tokens/s."""
+    rows = []
+    for key, figures in results.get("limits", {}).items():
+        size, threads = key.split("/")
+        for batch in (1, 8):
+            f = figures[f"batch{batch}"]
+            rows.append(
+                [size, threads.removeprefix("threads") + " thr", batch, f["floor"], f["floor_torch_argmax"],
+                 f["generate_greedy"], f["generate_sampled"], f["engine_greedy"], f["engine_sampled"],
+                 f["generate_greedy_s"] * 1000]
+            )  # fmt: skip
+    header = ["model", "torch", "batch", "floor", "floor(torch argmax)", "generate greedy", "generate sampled",
+              "engine greedy", "engine sampled", "generate ms"]  # fmt: skip
+    return table(header, rows)
+
+
+def server_table(results: dict[str, Any]) -> str:
+    """Every load run: throughput, latency, errors and who used the CPU."""
+    rows = []
+    for key, figures in results["servers"].items():
+        size, mode = key.split("/")
+        for name, r in figures["loads"].items():
+            load, clients = name.split("/")
+            rows.append(
+                [size, mode, load, int(clients), r["requests_per_s"], r["tokens_per_s"], ms(r["p50_s"]),
+                 ms(r["p90_s"]), ms(r["p99_s"]), r["errors"], r["server_cores"], r["loadgen_cores"],
+                 r["machine_busy_cores"]]
+            )  # fmt: skip
+    header = ["model", "mode", "load", "clients", "req/s", "new tok/s", "p50 ms", "p90 ms", "p99 ms", "errors",
+              "server cores", "loadgen cores", "machine busy"]  # fmt: skip
+    return table(header, rows)
+
+
+def startup_table(results: dict[str, Any]) -> str:
+    """Cold start, first generate, model load and memory of every server."""
+    rows = []
+    for key, f in results["servers"].items():
+        size, mode = key.split("/")
+        rows.append(
+            [size, mode, f["health_s"], f["model_load_s"], f["first_generate_s"], f["memory_after_load"]["pss_mib"],
+             f["memory_after_run"]["pss_mib"], f["memory_after_load"]["rss_mib"], f["memory_after_run"]["rss_mib"]]
+        )  # fmt: skip
+    header = ["model", "mode", "/health s", "model load s", "first generate s", "PSS MiB loaded", "PSS MiB after",
+              "RSS MiB loaded", "RSS MiB after"]  # fmt: skip
+    return table(header, rows)
+
+
+def ms(seconds: float | None) -> float | None:
+    """Seconds to milliseconds."""
+    return None if seconds is None else seconds * 1000
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """a / b, or None when either is missing."""
+    return a / b if a is not None and b else None
+
+
+def targets(results: dict[str, Any]) -> str:
+    """The issue's targets, each with its measured ratio."""
+    servers, rows = results["servers"], []
+
+    def load(size: str, mode: str, name: str) -> dict[str, Any] | None:
+        return servers.get(f"{size}/{mode}", {}).get("loads", {}).get(name)
+
+    for size, goal in (("small", 0.8), ("tiny", 0.5)):
+        run, floor = load(size, "batch", "greedy/8"), best_floor(results, size, 8)
+        if run and floor:
+            rows.append([f"{size}: 8 clients greedy / batch-8 floor", f">= {goal}", ratio(run["tokens_per_s"], floor)])
+    for key in servers:
+        size, mode = key.split("/")
+        for clients in (1, 8, 32):
+            greedy, sampled = load(size, mode, f"greedy/{clients}"), load(size, mode, f"sampled/{clients}")
+            if greedy and sampled:
+                value = ratio(sampled["tokens_per_s"], greedy["tokens_per_s"])
+                rows.append([f"{size} {mode}: sampled / greedy, {clients} clients", ">= 0.8", value])
+    for size in ("tiny", "small"):
+        one = load(size, "batch", "greedy/1")
+        generate = results.get("limits", {}).get(f"{size}/threads1", {}).get("batch1", {}).get("generate_greedy_s")
+        if one and generate:
+            rows.append([f"{size}: 1 client p50 / in-process generate", "<= 1.15", ratio(one["p50_s"], generate)])
+        many = load(size, "batch", "greedy/32")
+        if many:
+            rows.append([f"{size}: 32 clients greedy errors", "0", many["errors"]])
+            rows.append([f"{size}: 32 clients greedy p99 / p50", "bounded", ratio(many["p99_s"], many["p50_s"])])
+    for key, f in servers.items():
+        rows.append([f"{key}: /health after launch, s", "<= 1", f["health_s"]])
+    return table(["target", "goal", "measured"], rows)
+
+
+def comparisons(results: dict[str, Any]) -> str:
+    """Batch mode against the baseline, and seeded (own lane) against unseeded sampling."""
+    servers, rows = results["servers"], []
+    for key, f in servers.items():
+        size, mode = key.split("/")
+        if mode != "batch":
+            continue
+        base = servers.get(f"{size}/simple", {}).get("loads", {})
+        floor = best_floor(results, size, 8)
+        for name, r in f["loads"].items():
+            b = base.get(name)
+            rows.append(
+                [size, name, r["tokens_per_s"], b["tokens_per_s"] if b else None,
+                 ratio(r["tokens_per_s"], b["tokens_per_s"]) if b else None, ratio(r["tokens_per_s"], floor),
+                 ratio(b["p50_s"], r["p50_s"]) if b else None]
+            )  # fmt: skip
+    header = ["model", "load/clients", "batch tok/s", "baseline tok/s", "x baseline", "x b8 floor",
+              "baseline p50 / batch p50"]  # fmt: skip
+    return table(header, rows)
+
+
+def render(results: dict[str, Any]) -> str:
+    """The whole report."""
+    m = results["machine"]
+    head = (
+        f"llmapi benchmark, T = {results['new_tokens']} new tokens, {m['cpus']} CPUs, torch {m['torch']}, "
+        f"transformers {m['transformers']}, commit {m['commit']}, {m['started']}"
+        f"{' (quick)' if results['quick'] else ''}\n"
+        f"load average at start {fmt_load(m['loadavg_at_start'])}, at end {fmt_load(m.get('loadavg_at_end'))}"
+        " (other processes on the machine make every figure noisier)"
+    )
+    parts = [head]
+    if results.get("limits"):
+        parts += ["In-process limits, new tokens/s (no HTTP):", limits_table(results)]
+    parts += [
+        "Server under closed-loop load (real gunicorn, gunicorn.conf.py defaults):",
+        server_table(results),
+        "Start-up and memory (all server processes):",
+        startup_table(results),
+        "Against the baseline (ENGINE_MODE=simple) and the floor:",
+        comparisons(results),
+        "Targets:",
+        targets(results),
+    ]
+    return "\n\n".join(parts)
+
+
+def fmt_load(values: Any) -> str:
+    """Load averages as 1/5/15-minute figures."""
+    return "/".join(f"{v:.2f}" for v in values) if values else "-"

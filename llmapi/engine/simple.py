@@ -1,0 +1,163 @@
+"""The baseline engine (ENGINE_MODE=simple): one `model.generate` per request, no batching, for comparison."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from llmapi.engine.loader import LoadedModel
+from llmapi.engine.text import StopMatcher
+from llmapi.engine.types import ContextLengthExceeded, EngineError, GenerationRequest, GenerationResult
+
+
+class SimpleHandle:
+    """A generation that runs in the caller's thread when its result is first asked for."""
+
+    def __init__(self, engine: SimpleEngine, request: GenerationRequest, prompt_ids: list[int], submitted: float):
+        self._engine = engine
+        self.request = request
+        self._prompt_ids = prompt_ids
+        self._submitted = submitted
+        self._result: GenerationResult | None = None
+
+    def pieces(self) -> Iterator[str | GenerationResult]:
+        """Yield the whole text as one piece (this mode does not stream token by token), then the result."""
+        result = self.result()
+        if result.text:
+            yield result.text
+        yield result
+
+    def result(self) -> GenerationResult:
+        """Run the generation (once) and return its result."""
+        if self._result is None:
+            self._result = self._engine.run(self.request, self._prompt_ids, self._submitted)
+        return self._result
+
+    def cancel(self) -> None:
+        """Nothing to stop: the generation runs to its end (or its deadline) in the caller's thread."""
+
+
+class SimpleEngine:
+    """transformers' `generate`, one request at a time per process: what a server without batching does."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+        # One generation at a time: the global RNG that seeds sampling, and the torch threads, are per process.
+        self._lock = threading.Lock()
+        self._tokenizer_lock = threading.Lock()
+
+    @property
+    def model_name(self) -> str:
+        """The name the model was loaded by."""
+        return self.loaded.name
+
+    @property
+    def context_length(self) -> int:
+        """How many tokens (prompt plus new) fit the model."""
+        return self.loaded.context_length
+
+    def encode(self, text: str) -> list[int]:
+        """Tokenize `text` as the model will see it."""
+        with self._tokenizer_lock:
+            return self.loaded.tokenizer.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        """Detokenize `ids`, leaving out special tokens."""
+        with self._tokenizer_lock:
+            return self.loaded.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def submit(self, request: GenerationRequest) -> SimpleHandle:
+        """Check that `request` fits and return a handle that generates when asked."""
+        submitted = time.monotonic()
+        prompt_ids = self.encode(request.prompt)
+        if len(prompt_ids) + request.max_new_tokens > self.context_length:
+            raise ContextLengthExceeded(
+                prompt_tokens=len(prompt_ids),
+                max_new_tokens=request.max_new_tokens,
+                context_length=self.context_length,
+            )
+        return SimpleHandle(self, request, prompt_ids, submitted)
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        """Generate and wait for the whole result."""
+        return self.submit(request).result()
+
+    def run(self, request: GenerationRequest, prompt_ids: list[int], submitted: float) -> GenerationResult:
+        """Call `model.generate` for one request and turn its output into a result."""
+        seed = request.seed if request.seed is not None or request.greedy else random.getrandbits(63)
+        with self._lock:
+            started = time.monotonic()
+            if request.timeout_s is not None and started - submitted >= request.timeout_s:
+                return self._result(request, prompt_ids, [], "timeout", seed, submitted, started)
+            if seed is not None:
+                torch.manual_seed(seed)
+            try:
+                input_ids = torch.tensor([prompt_ids])
+                with torch.inference_mode():
+                    output = self.loaded.model.generate(
+                        input_ids=input_ids,
+                        attention_mask=torch.ones_like(input_ids),
+                        **self._options(request, submitted, started),
+                    )
+            except Exception as exc:
+                raise EngineError(f"generation failed: {type(exc).__name__}") from exc
+        ids = output[0, len(prompt_ids) :].tolist()
+        return self._result(request, prompt_ids, ids, None, seed, submitted, started)
+
+    def _options(self, request: GenerationRequest, submitted: float, started: float) -> dict[str, Any]:
+        """generate's keyword arguments for `request`."""
+        options: dict[str, Any] = {
+            "max_new_tokens": request.max_new_tokens,
+            "min_new_tokens": request.min_new_tokens,
+            "do_sample": not request.greedy,
+            "repetition_penalty": request.repetition_penalty,
+            "pad_token_id": self.loaded.pad_id,
+            "eos_token_id": sorted(self.loaded.eos_ids),
+        }
+        if not request.greedy:
+            options.update(temperature=request.temperature, top_k=request.top_k, top_p=request.top_p)
+        if request.timeout_s is not None:
+            options["max_time"] = request.timeout_s - (started - submitted)
+        if request.stop:
+            options.update(stop_strings=list(request.stop), tokenizer=self.loaded.tokenizer)
+        return options
+
+    def _result(
+        self,
+        request: GenerationRequest,
+        prompt_ids: list[int],
+        ids: list[int],
+        reason: str | None,
+        seed: int | None,
+        submitted: float,
+        started: float,
+    ) -> GenerationResult:
+        """Decode the new ids, cut at a stop sequence, and say why generation ended."""
+        eos = self.loaded.eos_ids
+        # generate pads a finished sequence with pad ids; with pad == eos, keep the first eos only.
+        if any(token in eos for token in ids):
+            ids = ids[: next(i for i, token in enumerate(ids) if token in eos) + 1]
+        text = self.decode(ids)
+        stop = StopMatcher(request.stop).find(text, 0)
+        if stop is not None:
+            text, reason = text[: stop[0]], "stop"
+        elif reason is None:
+            ended_on_eos = bool(ids) and ids[-1] in eos
+            reason = "eos" if ended_on_eos else "length" if len(ids) >= request.max_new_tokens else "timeout"
+        now = time.monotonic()
+        timings = {"queue_s": started - submitted, "first_token_s": now - submitted, "total_s": now - submitted}
+        return GenerationResult(
+            text=text,
+            finish_reason=reason,
+            prompt_tokens=len(prompt_ids),
+            completion_tokens=len(ids),
+            model=self.model_name,
+            seed=seed,
+            stop_sequence=stop[1] if stop else None,
+            timings={**timings, "batch_size": 1.0},
+        )
