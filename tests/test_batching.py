@@ -139,13 +139,16 @@ def draws(scores: torch.Tensor, rows: list[RowControls], steps: int) -> torch.Te
     return counts
 
 
-@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(1.0, 0, 1.0), (0.6, 0, 1.0), (1.0, 5, 1.0), (1.0, 0, 0.7)])
+@pytest.mark.parametrize(
+    ("temperature", "top_k", "top_p"), [(1.0, 0, 1.0), (0.6, 0, 1.0), (1.0, 5, 1.0), (1.0, 0, 0.7)]
+)
 def test_sampler_follows_the_softmax_law(temperature, top_k, top_p):
     scores = torch.linspace(-3, 2, 300)[torch.randperm(300, generator=torch.Generator().manual_seed(1))]
     counts = draws(scores, rows_of(50, temperature=temperature, top_k=top_k, top_p=top_p), 200)
     expected_scores = scores / temperature
     if top_k:
-        expected_scores = expected_scores.masked_fill(expected_scores < expected_scores.topk(top_k).values[-1], -math.inf)
+        kth = expected_scores.topk(top_k).values[-1]
+        expected_scores = expected_scores.masked_fill(expected_scores < kth, -math.inf)
     probs = torch.softmax(expected_scores, dim=-1)
     if top_p < 1.0:
         ordered, order = probs.sort(descending=True)
@@ -234,7 +237,8 @@ def test_simple_mode_greedy_matches_the_batch_engine(simple_engine, sharp):
         request = GenerationRequest(prompt=prompt, max_new_tokens=tokens)
         baseline, batched = simple_engine.generate(request), sharp.generate(request)
         assert baseline.text == batched.text
-        assert (baseline.completion_tokens, baseline.prompt_tokens) == (batched.completion_tokens, batched.prompt_tokens)
+        assert baseline.completion_tokens == batched.completion_tokens
+        assert baseline.prompt_tokens == batched.prompt_tokens
         assert baseline.finish_reason == "length"
 
 
