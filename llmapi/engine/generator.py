@@ -229,6 +229,9 @@ class Engine:
         self._tokenizer_lock = threading.Lock()
         self._piece_decode = fast_decoder(loaded.tokenizer, self.decode)
         self._eos_list = sorted(loaded.eos_ids)
+        # With SDPA attention a decode step's mask is just "may row r see key k": built here as a view instead of
+        # by transformers' mask functions, which cost about a tenth of a tiny model's step.
+        self._bool_masks = getattr(loaded.model.config, "_attn_implementation", None) == "sdpa"
         self._pending: deque[Row] = deque()
         self._lanes: list[Lane] = []
         self._wakeup = threading.Condition()
@@ -370,13 +373,21 @@ class Engine:
         lane.positions = lane.positions + 1
         out = self.loaded.model(
             input_ids=lane.next_ids,
-            attention_mask=lane.mask,
+            attention_mask=self._step_mask(lane),
             position_ids=lane.positions,
             cache=lane.cache,
             use_cache=True,
         )
         lane.cache = out.cache
         self._choose(lane, out.logits[:, -1, :].float())
+
+    def _step_mask(self, lane: Lane) -> torch.Tensor | None:
+        """The attention mask of a decode step: none without padding, else 4-D boolean for SDPA, else 2-D."""
+        if bool(lane.mask[:, 0].all()):  # padding is only ever on the left: no row has any
+            return None
+        if self._bool_masks:
+            return lane.mask.bool()[:, None, None, :]
+        return lane.mask
 
     def _choose(self, lane: Lane, logits: torch.Tensor) -> None:
         """Pick each row's next token, hand it to the row, and let finished rows leave the lane at once."""
