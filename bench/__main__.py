@@ -23,6 +23,7 @@ from bench import report
 from bench.server import KEY, ROOT, start, warm
 
 PROMPT = "Artificial Intelligence is"
+QUIET_WAIT_S = 90.0  # before each load run, wait at most this long for other processes to go quiet
 MODELS = {"tiny": ROOT / "models" / "tiny-gpt2", "small": ROOT / "models" / "small-gpt2"}
 # (warm-up, window) seconds of each load run: a window several latencies long, after a warm-up of about one.
 WINDOWS = {
@@ -70,6 +71,21 @@ def busy_cores() -> tuple[float, float]:
     return (total - idle) / ticks, total / ticks
 
 
+def wait_for_quiet(limit_s: float, *, idle_below: float = 0.25) -> float:
+    """Wait (up to `limit_s`) until the machine's other work uses under `idle_below` cores; return what it used.
+
+    Other processes on a 2-core box (test suites, builds) would otherwise land in the middle of a load run.
+    """
+    deadline = time.monotonic() + limit_s
+    while True:
+        busy0, _ = busy_cores()
+        time.sleep(1.0)
+        busy = busy_cores()[0] - busy0
+        if busy < idle_below or time.monotonic() > deadline:
+            return busy
+        time.sleep(2.0)
+
+
 def run_python(module: str, *args: str, timeout: float = 1800) -> dict[str, Any]:
     """Run `python -m module args` in a fresh process and parse the JSON it prints last."""
     out = subprocess.run(
@@ -85,14 +101,27 @@ def limits(models: dict[str, str], *, quick: bool, new_tokens: int) -> dict[str,
     figures: dict[str, Any] = {}
     for size, path in models.items():
         for threads in sorted({1, os.cpu_count() or 1}):
+            wait_for_quiet(QUIET_WAIT_S)
             print(f"limits: {size}, {threads} torch thread(s) ...", file=sys.stderr)
             args = ["--model", path, "--threads", str(threads), "--new-tokens", str(new_tokens)]
             figures[f"{size}/threads{threads}"] = run_python("bench.limits", *args, *(["--quick"] if quick else []))
     return figures
 
 
+def requests_by_worker(lines: list[str]) -> list[int]:
+    """How many generate requests each worker answered, busiest first, from gunicorn's access log lines."""
+    counts: dict[str, int] = {}
+    for line in lines:
+        if "POST /generate" in line and "pid=<" in line:
+            pid = line.rsplit("pid=<", 1)[1].split(">", 1)[0]
+            counts[pid] = counts.get(pid, 0) + 1
+    return sorted(counts.values(), reverse=True)
+
+
 def load_run(server: Any, body: dict[str, Any], clients: int, window: tuple[float, float]) -> dict[str, Any]:
     """One closed-loop load in a separate process, with the server's and the machine's CPU use over it."""
+    quiet = wait_for_quiet(QUIET_WAIT_S)
+    log_lines = len(server.log().splitlines())
     cpu0, (busy0, total0), wall0 = server.cpu_seconds(), busy_cores(), time.perf_counter()
     result = run_python(
         "bench.load",
@@ -103,6 +132,9 @@ def load_run(server: Any, body: dict[str, Any], clients: int, window: tuple[floa
     busy1, _ = busy_cores()
     result["server_cores"] = (server.cpu_seconds() - cpu0) / wall
     result["machine_busy_cores"] = (busy1 - busy0) / wall
+    result["other_cores"] = max(0.0, result["machine_busy_cores"] - result["server_cores"] - result["loadgen_cores"])
+    result["busy_before"] = quiet
+    result["requests_by_worker"] = requests_by_worker(server.log().splitlines()[log_lines:])
     del total0
     return result
 

@@ -68,10 +68,10 @@ def server_table(results: dict[str, Any]) -> str:
             rows.append(
                 [size, mode, load, int(clients), r["requests_per_s"], r["tokens_per_s"], ms(r["p50_s"]),
                  ms(r["p90_s"]), ms(r["p99_s"]), r["errors"], r["server_cores"], r["loadgen_cores"],
-                 r["machine_busy_cores"]]
+                 r.get("other_cores"), split(r.get("requests_by_worker"))]
             )  # fmt: skip
     header = ["model", "mode", "load", "clients", "req/s", "new tok/s", "p50 ms", "p90 ms", "p99 ms", "errors",
-              "server cores", "loadgen cores", "machine busy"]  # fmt: skip
+              "server cores", "loadgen cores", "other procs", "per worker"]  # fmt: skip
     return table(header, rows)
 
 
@@ -87,6 +87,14 @@ def startup_table(results: dict[str, Any]) -> str:
     header = ["model", "mode", "/health s", "model load s", "first generate s", "PSS MiB loaded", "PSS MiB after",
               "RSS MiB loaded", "RSS MiB after"]  # fmt: skip
     return table(header, rows)
+
+
+def split(counts: list[int] | None) -> str:
+    """Requests per worker as percentages, busiest first (e.g. 55/45)."""
+    if not counts:
+        return "-"
+    total = sum(counts)
+    return "/".join(str(round(100 * c / total)) for c in counts)
 
 
 def ms(seconds: float | None) -> float | None:
