@@ -144,7 +144,7 @@ def serve(path: str, size: str, mode: str, env: dict[str, str], plan: list[tuple
     print(f"server: {size}, ENGINE_MODE={mode} {env or ''} ...", file=sys.stderr)
     server = start(path, {"ENGINE_MODE": mode, **env})
     try:
-        workers = int(env.get("WEB_CONCURRENCY", os.environ.get("WEB_CONCURRENCY", "2")))
+        workers = int(env.get("WEB_CONCURRENCY", "2"))
         figures: dict[str, Any] = {"health_s": server.health_s}
         figures.update(warm(server, plan[0][1], workers))
         figures["memory_after_load"] = server.memory()
@@ -157,6 +157,33 @@ def serve(path: str, size: str, mode: str, env: dict[str, str], plan: list[tuple
         return figures
     finally:
         server.stop()
+
+
+# Settings compared by --sweep, each against the defaults (WEB_CONCURRENCY=2, TORCH_THREADS=0 i.e. cores/workers,
+# GUNICORN_THREADS=8, MAX_BATCH_SIZE=8, BATCH_WAIT_MS=2).
+SWEEP: list[dict[str, str]] = [
+    {},
+    {"WEB_CONCURRENCY": "1", "TORCH_THREADS": "2"},
+    {"WEB_CONCURRENCY": "1", "TORCH_THREADS": "1"},
+    {"WEB_CONCURRENCY": "2", "TORCH_THREADS": "2"},
+    {"WEB_CONCURRENCY": "4", "TORCH_THREADS": "1"},
+    {"MAX_BATCH_SIZE": "4"},
+    {"MAX_BATCH_SIZE": "16", "GUNICORN_THREADS": "16"},
+    {"BATCH_WAIT_MS": "0"},
+    {"BATCH_WAIT_MS": "10"},
+    {"GUNICORN_THREADS": "4"},
+]
+
+
+def sweep(models: dict[str, str], payloads: dict[str, dict[str, Any]], *, quick: bool) -> dict[str, Any]:
+    """Serve every model with each SWEEP setting under greedy load at 8 and 32 clients and sampled at 8."""
+    plan = [("greedy", payloads["greedy"], 8), ("greedy", payloads["greedy"], 32), ("sampled", payloads["sampled"], 8)]
+    figures: dict[str, Any] = {}
+    for size, path in models.items():
+        for env in SWEEP:
+            name = " ".join(f"{k}={v}" for k, v in env.items()) or "defaults"
+            figures[f"{size}/{name}"] = serve(path, size, "batch", env, plan, quick=quick)
+    return figures
 
 
 def bodies(new_tokens: int) -> dict[str, dict[str, Any]]:
@@ -178,12 +205,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=32, help="T: new tokens per request")
     parser.add_argument("--no-limits", action="store_true", help="skip the in-process limits")
     parser.add_argument("--no-baseline", action="store_true", help="skip the ENGINE_MODE=simple server")
+    parser.add_argument("--sweep", action="store_true", help="compare worker, thread and batch settings instead")
     parser.add_argument("--out", type=Path, help="JSON file to write (default bench/results/bench-<time>.json)")
     args = parser.parse_args(argv)
     sizes = [s.strip() for s in args.models.split(",") if s.strip()]
     clients = [int(c) for c in args.clients.split(",")]
     models = ensure_models(sizes)
     results: dict[str, Any] = {"machine": machine(), "new_tokens": args.new_tokens, "quick": args.quick}
+    if args.sweep:
+        results["sweep"] = sweep(models, bodies(args.new_tokens), quick=args.quick)
+        return finish(results, args.out, report.render_sweep(results))
     if not args.no_limits:
         results["limits"] = limits(models, quick=args.quick, new_tokens=args.new_tokens)
     payloads = bodies(args.new_tokens)
@@ -193,11 +224,16 @@ def main(argv: list[str] | None = None) -> int:
     for size, path in models.items():
         for mode in ("batch",) if args.no_baseline else ("batch", "simple"):
             results["servers"][f"{size}/{mode}"] = serve(path, size, mode, {}, plan, quick=args.quick)
+    return finish(results, args.out, report.render(results))
+
+
+def finish(results: dict[str, Any], out: Path | None, text: str) -> int:
+    """Write the JSON, print the report."""
     results["machine"]["loadavg_at_end"] = os.getloadavg()
-    out = args.out or ROOT / "bench" / "results" / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out = out or ROOT / "bench" / "results" / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
-    print(report.render(results))
+    print(text)
     print(f"\nJSON: {out}")
     return 0
 

@@ -189,3 +189,21 @@ def render(results: dict[str, Any]) -> str:
 def fmt_load(values: Any) -> str:
     """Load averages as 1/5/15-minute figures."""
     return "/".join(f"{v:.2f}" for v in values) if values else "-"
+
+
+def render_sweep(results: dict[str, Any]) -> str:
+    """The settings sweep: one row per setting, model and load."""
+    rows = []
+    for key, f in results["sweep"].items():
+        size, setting = key.split("/", 1)
+        for name, r in f["loads"].items():
+            load, clients = name.split("/")
+            rows.append(
+                [size, setting, f"{load} x{clients}", r["tokens_per_s"], ms(r["p50_s"]), ms(r["p99_s"]), r["errors"],
+                 r["server_cores"], r.get("other_cores"), f["memory_after_run"]["pss_mib"]]
+            )  # fmt: skip
+    header = ["model", "setting", "load", "new tok/s", "p50 ms", "p99 ms", "errors", "server cores", "other procs",
+              "PSS MiB"]  # fmt: skip
+    m = results["machine"]
+    head = f"llmapi settings sweep, T = {results['new_tokens']}, {m['cpus']} CPUs, commit {m['commit']}, {m['started']}"
+    return head + "\n\n" + table(header, rows)

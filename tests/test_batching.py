@@ -258,3 +258,17 @@ def test_simple_mode_streams_one_piece_then_the_result(simple_engine):
     handle = simple_engine.submit(GenerationRequest(prompt=PROMPT, max_new_tokens=6, stream=True))
     items = list(handle.pieces())
     assert len(items) == 2 and items[0] == items[1].text
+
+
+def test_engine_close_fails_waiting_requests_and_refuses_new_ones(tiny_model):
+    from llmapi.engine import EngineError
+
+    engine = create_engine(tiny_model, threads=1)
+    handle = engine.submit(GenerationRequest(prompt=PROMPT, max_new_tokens=900, stream=True))
+    pieces = handle.pieces()
+    next(pieces)
+    engine.close()
+    with pytest.raises(EngineError, match="shut down"):
+        list(pieces)
+    with pytest.raises(EngineError, match="shut down"):
+        engine.submit(GenerationRequest(prompt=PROMPT, max_new_tokens=2))

@@ -8,6 +8,7 @@ padding), so that its arithmetic, and so its text, does not depend on what else 
 
 from __future__ import annotations
 
+import atexit
 import logging
 import queue
 import random
@@ -235,8 +236,11 @@ class Engine:
         self._pending: deque[Row] = deque()
         self._lanes: list[Lane] = []
         self._wakeup = threading.Condition()
+        self._closing = False
         self._thread = threading.Thread(target=self._run, name="llmapi-engine", daemon=True)
         self._thread.start()
+        # A daemon thread still inside a torch op while the interpreter finalizes aborts the process.
+        atexit.register(self.close)
 
     @property
     def model_name(self) -> str:
@@ -271,6 +275,8 @@ class Engine:
         handle = Handle(request)
         row = Row(handle, prompt_ids, IncrementalDecoder(self._piece_decode), submitted)
         with self._wakeup:
+            if self._closing:
+                raise EngineError("the engine was shut down")
             self._pending.append(row)
             self._wakeup.notify()
         return handle
@@ -279,15 +285,28 @@ class Engine:
         """Generate and wait for the whole result."""
         return self.submit(request).result()
 
+    def close(self) -> None:
+        """Stop the decoding thread after its current step; requests still queued or decoding get an error."""
+        with self._wakeup:
+            self._closing = True
+            self._wakeup.notify()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
+
     def _run(self) -> None:
-        """Admit requests and advance every lane by one token, forever; a failing lane fails its own rows only."""
-        while True:
+        """Admit requests and advance every lane by one token until closed; a failing lane fails its own rows."""
+        while not self._closing:
             with torch.inference_mode():
                 for lane in self._admit():
                     self._guarded(self._add_lane, lane)
                 for lane in list(self._lanes):
                     self._guarded(self._step, lane)
             self._lanes = [lane for lane in self._lanes if lane.rows]
+        stopped = [row for lane in self._lanes for row in lane.rows] + list(self._pending)
+        for row in stopped:
+            if not row.closed:
+                row.closed = True
+                row.handle._send("error", EngineError("the engine was shut down"))
 
     def _guarded(self, action: Any, lane: Lane | list[Row]) -> None:
         """Run action(lane); on failure, report it to the lane's waiting callers and drop the lane."""
@@ -312,9 +331,11 @@ class Engine:
         """
         with self._wakeup:
             if not self._lanes:
-                while not self._pending:
+                while not self._pending and not self._closing:
                     self._wakeup.wait()
                 self._wait_for_company()
+            if self._closing:
+                return []
             room = self.max_batch_size - sum(len(lane.rows) for lane in self._lanes)
             if not self._pending or room <= 0:
                 return []
@@ -328,7 +349,7 @@ class Engine:
     def _wait_for_company(self) -> None:
         """Hold a new batch open for batch_wait_ms or until it is full (the caller holds the lock)."""
         deadline = time.monotonic() + self.batch_wait_s
-        while len(self._pending) < self.max_batch_size:
+        while len(self._pending) < self.max_batch_size and not self._closing:
             left = deadline - time.monotonic()
             if left <= 0:
                 return
