@@ -36,6 +36,9 @@ lint: install  ## ruff lint and format check
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+bench: install  ## the benchmark suite: limits, server under load, baseline (~25 min; BENCH=--quick: ~10 min)
+	$(PY) -m bench $(BENCH)
+
 format: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .

@@ -140,10 +140,11 @@ def draws(scores: torch.Tensor, rows: list[RowControls], steps: int) -> torch.Te
 
 
 @pytest.mark.parametrize(
-    ("temperature", "top_k", "top_p"), [(1.0, 0, 1.0), (0.6, 0, 1.0), (1.0, 5, 1.0), (1.0, 0, 0.7)]
+    ("vocab", "temperature", "top_k", "top_p"),
+    [(300, 1.0, 0, 1.0), (307, 0.6, 0, 1.0), (300, 1.0, 5, 1.0), (300, 1.0, 0, 0.7)],  # 307 is prime: padded blocks
 )
-def test_sampler_follows_the_softmax_law(temperature, top_k, top_p):
-    scores = torch.linspace(-3, 2, 300)[torch.randperm(300, generator=torch.Generator().manual_seed(1))]
+def test_sampler_follows_the_softmax_law(vocab, temperature, top_k, top_p):
+    scores = torch.linspace(-3, 2, vocab)[torch.randperm(vocab, generator=torch.Generator().manual_seed(1))]
     counts = draws(scores, rows_of(50, temperature=temperature, top_k=top_k, top_p=top_p), 200)
     expected_scores = scores / temperature
     if top_k:
@@ -176,14 +177,15 @@ def test_sampler_row_draws_do_not_depend_on_neighbours():
     assert together == alone
 
 
-def test_sampler_never_picks_a_token_without_weight():
-    log2w = torch.full((4, 1000), -math.inf)
-    log2w[:, 999] = 0.0
+@pytest.mark.parametrize("vocab", [1000, 1009])
+def test_sampler_never_picks_a_token_without_weight(vocab):
+    log2w = torch.full((4, vocab), -math.inf)
+    log2w[:, vocab - 1] = 0.0
     log2w[1, 0] = 0.0
     gens = [torch.Generator().manual_seed(i) for i in range(4)]
     for _ in range(200):
         tokens = inverse_cdf(log2w, gens).tolist()
-        assert tokens[0] == tokens[2] == tokens[3] == 999 and tokens[1] in (0, 999)
+        assert tokens[0] == tokens[2] == tokens[3] == vocab - 1 and tokens[1] in (0, vocab - 1)
 
 
 def test_sampler_greedy_rows_beside_sampled_rows_take_the_argmax():

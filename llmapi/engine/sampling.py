@@ -11,10 +11,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 
-BLOCK = 256  # inverse-CDF sampling sums the weights in blocks of this many tokens, then searches one block
+BLOCK = 256  # inverse-CDF block size when the vocabulary size has no convenient divisor
 LOG2_E = 1.0 / math.log(2.0)
 MIN_LOG2 = -126.0  # 2**-126 is float32's smallest normal number: weights below it are far below rounding anyway
 
@@ -125,6 +126,15 @@ def _top_p(log2w: torch.Tensor, top_p: list[float]) -> torch.Tensor:
     return log2w.scatter(1, order, ordered.masked_fill(drop, float("-inf")))
 
 
+@cache
+def block_size(vocab: int) -> int:
+    """Tokens per block for inverse-CDF sampling: a divisor of `vocab` near 2*sqrt(vocab) if there is one (GPT-2's
+    50,257 = 29 x 1,733), so that the weights need no padding; else BLOCK, with the last block padded."""
+    target = 2 * math.isqrt(vocab)
+    divisors = [d for d in range(64, min(vocab, 4096) + 1) if vocab % d == 0]
+    return min(divisors, key=lambda d: abs(d - target)) if divisors else BLOCK
+
+
 def inverse_cdf(log2w: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
     """Draw per row from weights 2**log2w with one uniform number from the row's own generator.
 
@@ -132,17 +142,22 @@ def inverse_cdf(log2w: torch.Tensor, generators: Sequence[torch.Generator | None
     cumulative sum, then the token on the cumulative sum inside that block alone.
     """
     rows, vocab = log2w.shape
-    blocks = -(-vocab // BLOCK)
-    weights = log2w.new_zeros((rows, blocks * BLOCK))
-    torch.exp2(log2w, out=weights[:, :vocab])
-    block_cdf = weights.view(rows, blocks, BLOCK).sum(dim=-1).cumsum(dim=-1)
+    size = block_size(vocab)
+    blocks = -(-vocab // size)
+    if blocks * size == vocab:
+        weights = torch.exp2(log2w)
+    else:
+        weights = log2w.new_zeros((rows, blocks * size))
+        torch.exp2(log2w, out=weights[:, :vocab])
+    weights = weights.view(rows, blocks, size)
+    block_cdf = weights.sum(dim=-1).cumsum_(dim=-1)
     uniform = torch.cat([torch.rand(1, generator=g, dtype=log2w.dtype) for g in generators]).unsqueeze(-1)
-    target = _below(uniform * block_cdf[:, -1:], block_cdf[:, -1:])
+    target = _below(uniform.mul_(block_cdf[:, -1:]), block_cdf[:, -1:])
     block = torch.searchsorted(block_cdf, target, right=True)
-    before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)), 0.0)
-    inner = weights.view(rows, blocks, BLOCK)[torch.arange(rows), block.squeeze(-1)].cumsum(dim=-1)
-    offset = torch.searchsorted(inner, _below(target - before, inner[:, -1:]), right=True)
-    return (block * BLOCK + offset).squeeze(-1)
+    before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp_(min=0)), 0.0)
+    inner = weights[torch.arange(rows), block.squeeze(-1)].cumsum_(dim=-1)
+    offset = torch.searchsorted(inner, _below(target.sub_(before), inner[:, -1:]), right=True)
+    return block.mul_(size).add_(offset).squeeze(-1)
 
 
 def _below(value: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
