@@ -89,14 +89,35 @@ class Settings:
     max_batch_size: int = env("MAX_BATCH_SIZE", 8, doc="most sequences decoded together in one worker")
     batch_wait_ms: float = env("BATCH_WAIT_MS", 2.0, doc="how long a new batch waits for company")
     workers: int = env("WEB_CONCURRENCY", 2, doc="gunicorn worker processes, each with its own model")
-    threads: int = env("GUNICORN_THREADS", 8, doc="gunicorn threads per worker (concurrent requests)")
+    threads: int = env("GUNICORN_THREADS", 16, doc="gunicorn threads per worker (concurrent requests)")
     bind: str = env("BIND", "0.0.0.0:8000", doc="address gunicorn listens on")
     log_level: str = env("LOG_LEVEL", "info", doc="debug, info, warning or error")
+    warmup: bool = env("WARMUP", False, doc="load the model in the background as soon as a worker starts")
+    max_inflight: int = env(
+        "MAX_INFLIGHT_REQUESTS", 0, doc="generation requests one worker admits at once; 0 = GUNICORN_THREADS - 1"
+    )
+    metrics_key: str = env("METRICS_KEY", "", doc="keys that may read /metrics, comma-separated; empty = open")
+    metrics_dir: str = env(
+        "PROMETHEUS_MULTIPROC_DIR", "", doc="where workers keep their metrics; empty = a temporary directory"
+    )
+    log_format: str = env("LOG_FORMAT", "text", doc="text or json (one JSON object per line)")
+    log_prompts: bool = env("LOG_PROMPTS", False, doc="put prompt text in the log (never by default)")
+    trusted_proxy_hops: int = env("TRUSTED_PROXY_HOPS", 0, doc="proxies in front whose X-Forwarded-* to trust")
 
     @property
     def keys(self) -> tuple[str, ...]:
         """Every accepted API key, primary first."""
         return _keys("API_KEY", self.api_key) + _keys("API_KEYS", self.api_keys)
+
+    @property
+    def metrics_keys(self) -> tuple[str, ...]:
+        """The keys that may read /metrics; none means open."""
+        return _keys("METRICS_KEY", self.metrics_key)
+
+    @property
+    def admission_limit(self) -> int:
+        """Generation requests one worker admits at once: always fewer than its threads."""
+        return self.max_inflight or self.threads - 1
 
     @property
     def threads_per_worker(self) -> int:
@@ -150,6 +171,21 @@ class Settings:
             raise ConfigError("TORCH_THREADS, BATCH_WAIT_MS and MODEL_RETRY_SECONDS must not be negative")
         if self.log_level.lower() not in {"debug", "info", "warning", "error", "critical"}:
             raise ConfigError(f"LOG_LEVEL must be debug, info, warning or error, got {self.log_level!r}")
+        self._check_operations()
+
+    def _check_operations(self) -> None:
+        """Refuse operations settings that would break the promises made in the README's Operations section."""
+        if self.threads < 2:
+            raise ConfigError(f"GUNICORN_THREADS must be at least 2 (one stays free for /health), got {self.threads}")
+        if not 0 <= self.max_inflight < self.threads:
+            raise ConfigError(
+                f"MAX_INFLIGHT_REQUESTS must be between 1 and GUNICORN_THREADS - 1 ({self.threads - 1}) so that"
+                f" /health always finds a free thread (0 = GUNICORN_THREADS - 1), got {self.max_inflight}"
+            )
+        if self.log_format not in {"text", "json"}:
+            raise ConfigError(f"LOG_FORMAT must be text or json, got {self.log_format!r}")
+        if self.trusted_proxy_hops < 0:
+            raise ConfigError(f"TRUSTED_PROXY_HOPS must not be negative, got {self.trusted_proxy_hops}")
 
 
 def documented() -> list[tuple[str, Any, str]]:

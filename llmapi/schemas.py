@@ -112,6 +112,13 @@ class HealthSchema(Schema):
     status = fields.String(required=True, metadata={"example": "ok"})
 
 
+class ReadySchema(Schema):
+    """The readiness answer."""
+
+    status = fields.String(required=True, metadata={"example": "ready"})
+    model = fields.String(required=True, metadata={"description": "the model this worker has loaded"})
+
+
 @dataclass(frozen=True)
 class Schemas:
     """The request schemas built for one app's limits."""
