@@ -67,18 +67,22 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
+def iso_time(seconds: float) -> str:
+    """A Unix time as ISO 8601 in UTC, to the millisecond."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{int(seconds % 1 * 1000):03d}Z"
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, pid, request_id, message (and exception)."""
 
-    converter = time.gmtime  # the "Z" in the times below: UTC
-
     def format(self, record: logging.LogRecord) -> str:
+        request_id = getattr(record, "request_id", None) or _current.get()
         entry: dict[str, Any] = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "time": iso_time(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "pid": record.process,
-            "request_id": getattr(record, "request_id", None) or _current.get(),
+            "request_id": None if request_id == "-" else request_id,
             "message": record.getMessage(),
         }
         if record.exc_info:

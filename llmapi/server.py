@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from gunicorn.glogging import Logger
 from gunicorn.workers.gthread import ThreadWorker as GthreadWorker
 from prometheus_client import multiprocess
 
-from llmapi.logs import JsonFormatter
+from llmapi.logs import JsonFormatter, iso_time
 from llmapi.service import EXTENSION as ENGINE_EXTENSION
 
 METRICS_DIR_PREFIX = "llmapi-metrics-"
@@ -51,7 +52,7 @@ class JsonLogger(Logger):
             return
         atoms = self.atoms(resp, req, environ, request_time)
         entry = {
-            "time": atoms["t"],
+            "time": iso_time(time.time()),
             "level": "info",
             "logger": "gunicorn.access",
             "pid": os.getpid(),
