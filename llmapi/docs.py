@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from apispec import APISpec, BasePlugin
-from flask import Blueprint, Flask, Response, send_from_directory
+from flask import Blueprint, Flask, Response, abort, send_from_directory
 from flask_smorest import Api
 from marshmallow import fields
 from marshmallow.validate import Range
@@ -22,6 +22,8 @@ from llmapi.schemas import ErrorSchema
 DOCS_PATH = "/docs"
 ASSETS_PATH = "/docs/assets"
 ASSETS_DIR = Path(str(swagger_ui_path))
+# What flask-smorest's page loads; the bundle's own index.html would point at the online petstore demo.
+ASSETS = frozenset({"swagger-ui.css", "swagger-ui-bundle.js", "swagger-ui-standalone-preset.js"})
 # Routes that serve the documentation itself; every other route of the app must be in the spec.
 DOC_ENDPOINTS = frozenset({"api-docs.openapi_json", "api-docs.openapi_swagger_ui", "swagger_ui.asset"})
 
@@ -31,6 +33,9 @@ SECURITY_SCHEMES = {
 }
 # Either scheme is enough (a list of alternatives, each a one-scheme requirement).
 SECURITY = [{"ApiKeyAuth": []}, {"BearerAuth": []}]
+# The before_request hooks that make a route need a key, and insist on a JSON body (415).
+AUTH_HOOKS: frozenset[Callable[..., Any]] = frozenset({require_api_key})
+JSON_HOOKS: frozenset[Callable[..., Any]] = frozenset({require_json})
 
 ERRORS: dict[int, str] = {
     400: "The body is not valid JSON.",
@@ -105,7 +110,6 @@ class RoutePlugin(BasePlugin):
 
     def init_spec(self, spec: APISpec) -> None:
         """Declare the security schemes, the error schema and the overview."""
-        self.spec = spec
         for name, scheme in SECURITY_SCHEMES.items():
             spec.components.security_scheme(name, scheme)
         spec.components.schema("Error", schema=ErrorSchema)
@@ -118,7 +122,7 @@ class RoutePlugin(BasePlugin):
             return
         hooks = before_request_hooks(self.app, rule.endpoint)
         for operation in operations.values():
-            if require_api_key in hooks:
+            if hooks & AUTH_HOOKS:
                 operation.setdefault("security", SECURITY)
             # Keys are strings in the spec; flask-smorest hands over the route's own as ints.
             responses = {str(status): doc for status, doc in operation.get("responses", {}).items()}
@@ -137,12 +141,11 @@ def before_request_hooks(app: Flask, endpoint: str) -> set[Callable[..., Any]]:
     return {func for name in names for func in app.before_request_funcs.get(name, ())}
 
 
-def error_statuses(operation: dict[str, Any], hooks: Iterable[Callable[..., Any]], rule: Rule) -> list[int]:
+def error_statuses(operation: dict[str, Any], hooks: set[Callable[..., Any]], rule: Rule) -> list[int]:
     """The error statuses an operation can answer, from its hooks, its body and its path."""
-    hooks = set(hooks)
-    statuses = [401] if require_api_key in hooks else []
+    statuses = [401] if hooks & AUTH_HOOKS else []
     if "requestBody" in operation:
-        statuses += [400, 413, 415, 422] if require_json in hooks else [400, 413, 422]
+        statuses += [400, 413, 415, 422] if hooks & JSON_HOOKS else [400, 413, 422]
     if rule.arguments:
         statuses.append(404)
     return [*statuses, 500]
@@ -161,30 +164,18 @@ def error_response(status: int) -> dict[str, Any]:
 
 
 def field_attributes(self: Any, field: fields.Field, ret: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
-    """apispec attribute function: exclusive Range bounds, and a field's own schema where it declares one."""
+    """apispec attribute function: open Range ends, and a field's own schema where it declares one."""
     attributes: dict[str, Any] = {}
     for validator in field.validators:
-        if isinstance(validator, Range):
-            attributes.update(exclusive_bounds(validator, ret, openapi_31=self.openapi_version.minor >= 1))
+        # apispec writes every Range end as closed; OpenAPI 3.0 marks an open one with a boolean.
+        if isinstance(validator, Range) and validator.min is not None and not validator.min_inclusive:
+            attributes["exclusiveMinimum"] = True
+        if isinstance(validator, Range) and validator.max is not None and not validator.max_inclusive:
+            attributes["exclusiveMaximum"] = True
     mapping = getattr(field, "_jsonschema_type_mapping", None)
     if mapping is not None:
         attributes.update(mapping())
     return attributes
-
-
-def exclusive_bounds(validator: Range, ret: dict[str, Any], *, openapi_31: bool) -> dict[str, Any]:
-    """Mark a Range's open ends, which apispec documents as closed (OpenAPI 3.0 booleans, 3.1 numbers)."""
-    bounds: dict[str, Any] = {}
-    ends = (("Minimum", validator.min, validator.min_inclusive), ("Maximum", validator.max, validator.max_inclusive))
-    for end, value, inclusive in ends:
-        if value is None or inclusive:
-            continue
-        if openapi_31:
-            ret.pop(end.lower(), None)
-            bounds["exclusive" + end] = value
-        else:
-            bounds["exclusive" + end] = True
-    return bounds
 
 
 def assets_blueprint() -> Blueprint:
@@ -194,6 +185,8 @@ def assets_blueprint() -> Blueprint:
     @blp.get("/<path:filename>")
     def asset(filename: str) -> Response:
         """One file of the Swagger UI distribution."""
+        if filename not in ASSETS:
+            abort(404)
         return send_from_directory(ASSETS_DIR, filename, max_age=3600)
 
     return blp

@@ -196,7 +196,9 @@ def test_docs_page_loads_every_asset_from_the_app(client):
     assert '"validatorUrl": null' in html  # no badge fetched from validator.swagger.io
 
 
-@pytest.mark.parametrize("path", ["/docs/assets/../../config.py", "/docs/assets/nope.js", "/docs/assets/"])
+@pytest.mark.parametrize(
+    "path", ["/docs/assets/../../config.py", "/docs/assets/nope.js", "/docs/assets/", "/docs/assets/index.html"]
+)
 def test_docs_assets_serve_nothing_else(client, path):
     response = client.get(path)
     assert response.status_code == 404
