@@ -54,6 +54,8 @@ logger_class = "llmapi.server.JsonLogger" if _settings.log_format == "json" else
 
 # Process naming
 proc_name = "llmapi"
+# gunicorn's control socket defaults to one path per user, which instances on one host would share.
+control_socket_disable = True
 
 
 # Metrics: the workers write prometheus_client's files in one directory, which /metrics sums up.
