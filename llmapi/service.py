@@ -96,8 +96,7 @@ class EngineService:
             if self._engine is not None:
                 return self._engine
             # Callers that waited on a failed load share its outcome, and nobody retries too soon.
-            recent = time.monotonic() - self._failed_at < self.settings.model_retry_seconds
-            if self._failure is not None and (self._attempts != seen or recent):
+            if self._failure is not None and (self._attempts != seen or self._retry_pending()):
                 raise self._failure
             return self._load()
 
