@@ -30,8 +30,9 @@ PLACEHOLDER = re.compile(r"\$\{([A-Z_]+)\}")
 
 
 def render(template: str, values: dict[str, str]) -> str:
-    """Fill ${NAME} placeholders as envsubst does with only these names defined (nginx's $vars stay)."""
-    return PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
+    """Fill the ${NAME} placeholders of `values` as `envsubst '${NAME}...'` does; anything else stays."""
+    assert set(values) <= set(PLACEHOLDER.findall(template))
+    return PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), template)
 
 
 @dataclass
