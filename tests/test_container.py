@@ -30,6 +30,15 @@ DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE = ROOT / "docker-compose.yml"
 COMPOSE_SCALE = ROOT / "docker-compose.scale.yml"
 VENV_BIN = Path(sys.executable).parent
+NGINX_TEMPLATE = ROOT / "deploy" / "nginx" / "llmapi.conf.template"
+SETTINGS = {name for name, _, _ in documented()}
+# /ready, WARMUP, TRUSTED_PROXY_HOPS and deploy/nginx/ come with the operations issue (6): until that
+# branch is merged, the tests that need them must fail.
+needs_operations = pytest.mark.xfail(
+    not ({"WARMUP", "TRUSTED_PROXY_HOPS"} <= SETTINGS and NGINX_TEMPLATE.is_file()),
+    reason="/ready, WARMUP, TRUSTED_PROXY_HOPS and deploy/nginx/ arrive with the operations branch",
+    strict=True,
+)
 
 
 # ---- reading the files
@@ -358,8 +367,7 @@ def test_compose_takes_key_and_model_from_the_environment(tmp_path):
     service = compose_services(tmp_path, COMPOSE, API_KEY="from-env-key", MODEL_NAME="/models/mine")["llmapi"]
     assert service["environment"]["API_KEY"] == "from-env-key"
     assert service["environment"]["MODEL_NAME"] == "/models/mine"
-    known = {name for name, _, _ in documented()}
-    assert set(service["environment"]) <= known
+    assert set(service["environment"]) <= SETTINGS
 
 
 @pytest.mark.slow
@@ -395,8 +403,16 @@ def test_compose_scale_file_puts_nginx_in_front_of_replicas(tmp_path, monkeypatc
     [port] = nginx["ports"]
     assert (port["published"], port["host_ip"]) == ("8000", "127.0.0.1")
     assert nginx["depends_on"]["llmapi"]["condition"] == "service_healthy"
-    [template] = nginx["volumes"]
-    assert Path(template["source"]).is_file()
-    assert template["target"].startswith("/etc/nginx/templates/") and template["target"].endswith(".template")
-    grace = graceful_timeout(monkeypatch, llmapi["environment"])
+    grace = graceful_timeout(monkeypatch, {k: v for k, v in llmapi["environment"].items() if k in SETTINGS})
     assert seconds(nginx["stop_grace_period"]) > grace and seconds(llmapi["stop_grace_period"]) > grace
+
+
+@pytest.mark.slow
+@needs_operations
+def test_compose_scale_file_uses_the_operations_nginx_template(tmp_path):
+    services = compose_services(tmp_path, COMPOSE, COMPOSE_SCALE)
+    [template] = services["nginx"]["volumes"]
+    assert Path(template["source"]) == NGINX_TEMPLATE and NGINX_TEMPLATE.is_file()
+    assert template["target"].startswith("/etc/nginx/templates/") and template["target"].endswith(".template")
+    assert set(services["llmapi"]["environment"]) <= SETTINGS
+    assert services["llmapi"]["environment"]["TRUSTED_PROXY_HOPS"] == "1"

@@ -12,16 +12,10 @@ import yaml
 from kubernetes_validate.utils import all_versions
 
 import llmapi
-from llmapi.config import documented
-from tests.test_container import image_env, runtime, values
+from tests.test_container import SETTINGS, image_env, needs_operations, runtime, values
 
 K8S = Path(__file__).resolve().parent.parent / "deploy" / "k8s"
 MANIFESTS = sorted(K8S.glob("*.yaml"))
-SETTINGS = {name for name, _, _ in documented()}
-# /ready and WARMUP come with the operations issue (6); until that branch is merged these tests must fail.
-needs_operations = pytest.mark.xfail(
-    "WARMUP" not in SETTINGS, reason="/ready and WARMUP arrive with the operations branch", strict=True
-)
 
 
 def versions() -> list[str]:
