@@ -30,6 +30,7 @@ DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE = ROOT / "docker-compose.yml"
 COMPOSE_SCALE = ROOT / "docker-compose.scale.yml"
 VENV_BIN = Path(sys.executable).parent
+WHEEL = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w"]  # + folder, project
 NGINX_TEMPLATE = ROOT / "deploy" / "nginx" / "llmapi.conf.template"
 SETTINGS = {name for name, _, _ in documented()}
 # /ready, WARMUP, TRUSTED_PROXY_HOPS and deploy/nginx/ come with the operations issue (6): until that
@@ -84,11 +85,30 @@ def healthcheck() -> tuple[dict[str, str], list[str]]:
     return dict(re.findall(r"--([\w-]+)=(\S+)", options)), exec_form(command)
 
 
-def torch_pin() -> str:
-    """The `torch==X` requirement in setup.cfg."""
+def install_requires() -> list[str]:
+    """setup.cfg's install_requires, comments left out."""
     parser = configparser.ConfigParser()
     parser.read(ROOT / "setup.cfg")
-    [pin] = [line for line in parser["options"]["install_requires"].splitlines() if line.startswith("torch")]
+    lines = parser["options"]["install_requires"].splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+
+
+def requirement_name(requirement: str) -> str:
+    """The project name a requirement line names."""
+    return re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0].lower()
+
+
+def requirements(wheel: Path) -> set[str]:
+    """The names of a wheel's run-time requirements (its extras left out)."""
+    with zipfile.ZipFile(wheel) as archive:
+        metadata = archive.read(next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+    lines = [line.split(": ", 1)[1] for line in metadata.splitlines() if line.startswith("Requires-Dist: ")]
+    return {requirement_name(line) for line in lines if "extra ==" not in line}
+
+
+def torch_pin() -> str:
+    """The `torch==X` requirement in setup.cfg."""
+    [pin] = [line for line in install_requires() if requirement_name(line) == "torch"]
     return pin
 
 
@@ -181,6 +201,8 @@ def test_dockerfile_builds_on_slim_python_and_cpu_torch_pinned_as_setup_cfg():
     froms = [values(stage, "FROM")[0] for stage in stages()]
     assert len(froms) >= 2  # a build stage whose leftovers never reach the image
     assert all(re.fullmatch(r"python:3\.1[1-9]-slim( AS \w+)?", image) for image in froms), froms
+    # The same base in every stage: the copied virtual environment links to that interpreter.
+    assert len({image.split()[0] for image in froms}) == 1
     torch_runs = [run for run in values(stages()[0], "RUN") if "torch==" in run]
     assert torch_runs == [f"pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu {torch_pin()}"]
 
@@ -201,6 +223,8 @@ def test_dockerfile_installs_dependencies_before_the_source():
 def test_dockerfile_leaves_no_pip_cache_and_no_build_stage_in_the_image():
     every_run = [run for stage in stages() for run in values(stage, "RUN")]
     assert all("--no-cache-dir" in run for run in every_run if "pip install" in run)
+    assert "python -m venv /opt/venv" in values(stages()[0], "RUN")
+    assert any("--out /opt/llmapi/models/" in run for run in values(stages()[0], "RUN"))
     final = runtime()
     assert not any("pip" in run or "apt-get" in run for run in values(final, "RUN"))
     assert values(final, "COPY") == [
@@ -266,22 +290,12 @@ def test_dockerfile_dependency_layer_declares_the_projects_requirements(tmp_path
         (tmp_path / name).write_bytes((ROOT / name).read_bytes())
     shim = tmp_path / "bin" / "pip"
     shim.parent.mkdir()
-    shim.write_text(
-        f'#!/bin/sh\n[ "$1" = install ] && exec {sys.executable} -m pip wheel --no-deps --no-build-isolation'
-        f" -q -w {tmp_path / 'wheels'} .\nexit 0\n"
-    )
+    shim.write_text(f'#!/bin/sh\n[ "$1" = install ] && exec {" ".join(WHEEL)} {tmp_path / "wheels"} .\nexit 0\n')
     shim.chmod(0o755)
     env = {**os.environ, "PATH": f"{shim.parent}{os.pathsep}{os.environ['PATH']}"}
     subprocess.run(["sh", "-c", run], cwd=tmp_path, env=env, check=True, timeout=120)
     [wheel] = (tmp_path / "wheels").glob("llmapi-*.whl")
-    with zipfile.ZipFile(wheel) as archive:
-        metadata = archive.read(next(n for n in archive.namelist() if n.endswith("METADATA"))).decode()
-    required = {line.split(": ", 1)[1] for line in metadata.splitlines() if line.startswith("Requires-Dist: ")}
-    parser = configparser.ConfigParser()
-    parser.read(ROOT / "setup.cfg")
-    declared = [line for line in parser["options"]["install_requires"].splitlines() if line and line[0] != "#"]
-    names = {re.split(r"[<>=!~ ]", line)[0] for line in declared}
-    assert names == {re.split(r"[<>=!~ ;]", r)[0] for r in required if "extra ==" not in r}
+    assert requirements(wheel) == {requirement_name(line) for line in install_requires()}
     assert not (tmp_path / "llmapi").exists()  # the stand-in package is gone again
 
 
@@ -337,6 +351,39 @@ def test_dockerfile_cmd_and_healthcheck_work_on_the_host(tiny_model, tmp_path):
     assert response.json()["usage"]["completion_tokens"] == 8
     assert code == 0, server.log()
     assert healthcheck_exit_code(env) == 1  # stopped: unhealthy again
+
+
+@pytest.mark.slow
+def test_installed_package_serves_from_the_images_layout(tiny_model, tmp_path):
+    # The image runs the package installed from its wheel, not the source tree: every file of llmapi/
+    # must be in the wheel, and gunicorn must serve from a directory holding only its two files (/app).
+    subprocess.run([*WHEEL, tmp_path / "wheels", "."], cwd=ROOT, check=True, timeout=120)
+    [wheel] = (tmp_path / "wheels").glob("llmapi-*.whl")
+    packaged = set(zipfile.ZipFile(wheel).namelist())
+    sources = {p.relative_to(ROOT).as_posix() for p in (ROOT / "llmapi").rglob("*") if p.is_file()}
+    assert {s for s in sources if "__pycache__" not in s} <= packaged
+    site, app = tmp_path / "site", tmp_path / "app"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", site, wheel], check=True)
+    app.mkdir()
+    for name in ("gunicorn.conf.py", "wsgi.py"):
+        (app / name).write_bytes((ROOT / name).read_bytes())
+    port = free_port()
+    env = server_env(PYTHONPATH=str(site), API_KEY=KEY, MODEL_NAME=tiny_model, BIND=f"127.0.0.1:{port}")
+    where = subprocess.run([sys.executable, "-c", "import llmapi; print(llmapi.__file__)"], cwd=app, env=env,
+                           capture_output=True, text=True, check=True)  # fmt: skip
+    assert Path(where.stdout.strip()).is_relative_to(site)
+    log_path = tmp_path / "gunicorn.log"
+    with log_path.open("wb") as log:
+        cmd = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"]
+        process = subprocess.Popen(cmd, cwd=app, env=env, stdout=log, stderr=subprocess.STDOUT)
+    server = Server(process, f"http://127.0.0.1:{port}", log_path)
+    try:
+        wait_for_health(server.url, process)
+        response = server.post("/generate", {"prompt": "Hello", "max_new_tokens": 4})
+    finally:
+        server.stop()
+    assert response.status_code == 200, response.text + server.log()
+    assert response.json()["usage"]["completion_tokens"] == 4
 
 
 # ---- docker-compose
