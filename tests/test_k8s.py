@@ -12,7 +12,7 @@ import yaml
 from kubernetes_validate.utils import all_versions
 
 import llmapi
-from tests.test_container import SETTINGS, image_env, needs_operations, runtime, values
+from tests.test_container import SETTINGS, image_env, needs_readiness, runtime, values
 
 K8S = Path(__file__).resolve().parent.parent / "deploy" / "k8s"
 MANIFESTS = sorted(K8S.glob("*.yaml"))
@@ -116,13 +116,13 @@ def test_deployment_grace_period_outlasts_the_generation_deadline(monkeypatch):
     assert grace > int(pre_stop[1]) + graceful > int(env["GENERATION_TIMEOUT_MAX_MS"]) / 1000
 
 
-@needs_operations
+@needs_readiness
 def test_deployment_environment_names_real_settings():
     assert set(env_values()) | {"API_KEY"} <= SETTINGS
     assert env_values()["WARMUP"] == "true"  # so that readiness comes without traffic
 
 
-@pytest.mark.parametrize("probe", ["livenessProbe", pytest.param("readinessProbe", marks=needs_operations)])
+@pytest.mark.parametrize("probe", ["livenessProbe", pytest.param("readinessProbe", marks=needs_readiness)])
 def test_probes_point_at_open_routes_of_the_app(app, probe):
     path = container()[probe]["httpGet"]["path"]
     assert container()[probe]["httpGet"]["port"] == container()["ports"][0]["name"]
