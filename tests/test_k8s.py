@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import runpy
+import time
 from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
 import pytest
+import requests
 import yaml
 from kubernetes_validate.utils import all_versions
 
@@ -134,3 +136,22 @@ def test_probes_point_at_open_routes_of_the_app(app, probe):
 def test_liveness_is_health_and_readiness_is_ready():
     assert container()["livenessProbe"]["httpGet"]["path"] == "/health"
     assert container()["readinessProbe"]["httpGet"]["path"] == "/ready"
+
+
+@pytest.mark.slow
+@needs_readiness
+def test_pods_turn_ready_without_traffic_on_a_real_server(start_server, tiny_model):
+    # The Deployment's environment (the tiny model in place of gpt2): liveness answers at once, and
+    # readiness comes by itself, with no generate request, as the kubelet needs it to.
+    env = {**env_values(), "MODEL_NAME": tiny_model}
+    server = start_server(**env)
+    assert requests.get(server.url + container()["livenessProbe"]["httpGet"]["path"], timeout=5).status_code == 200
+    ready_path = server.url + container()["readinessProbe"]["httpGet"]["path"]
+    streak, deadline = 0, time.monotonic() + 90
+    while streak < 10 and time.monotonic() < deadline:  # ten in a row: every worker has its model
+        status = requests.get(ready_path, timeout=5).status_code
+        assert status in {200, 503}, status
+        streak = streak + 1 if status == 200 else 0
+        time.sleep(0.1)
+    assert streak == 10, server.log()
+    assert "/generate" not in server.log()
