@@ -70,8 +70,9 @@ USER 10001:10001
 EXPOSE 8000
 
 # /health answers from the moment gunicorn listens and never loads the model; the start period covers
-# the interpreter's start. Python, since the image has no curl; the port is BIND's.
+# the interpreter's start. Python, since the image has no curl; http.client, which no HTTP_PROXY setting
+# can send elsewhere; the port is BIND's.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
-    CMD ["python", "-c", "import os, sys, urllib.request; port = os.environ.get('BIND', ':8000').rpartition(':')[2]; sys.exit(urllib.request.urlopen(f'http://127.0.0.1:{port}/health', timeout=4).status != 200)"]
+    CMD ["python", "-c", "import http.client, os, sys; c = http.client.HTTPConnection('127.0.0.1', int(os.environ.get('BIND', ':8000').rpartition(':')[2]), timeout=4); c.request('GET', '/health'); sys.exit(c.getresponse().status != 200)"]
 
 CMD ["gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"]

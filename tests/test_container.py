@@ -335,7 +335,8 @@ def test_dockerfile_cmd_and_healthcheck_work_on_the_host(tiny_model, tmp_path):
         "HF_HOME": str(tmp_path / "hf-home"),
         "BIND": f"127.0.0.1:{port}",  # the image binds 0.0.0.0; tests stay on loopback
     }
-    env = server_env(**image, API_KEY=KEY, MODEL_NAME=tiny_model)
+    # A proxy setting, as a company network gives containers, must not divert the healthcheck.
+    env = server_env(**image, API_KEY=KEY, MODEL_NAME=tiny_model, http_proxy="http://127.0.0.1:9")
     assert healthcheck_exit_code(env) == 1  # nothing listens yet: unhealthy
     [cmd] = values(runtime(), "CMD")
     log_path = tmp_path / "gunicorn.log"
