@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # llmapi: the service on CPU-only torch, run by gunicorn as a non-root user, with the offline tiny
 # model inside. `docker-compose build` (or `docker build -t llmapi .`); see the README's Docker section.
 

@@ -6,8 +6,6 @@ import os
 
 import pytest
 
-from llmapi import config
-from llmapi.config import Settings
 from llmapi.cpus import available_cpus, cpu_quota
 
 AFFINITY = len(os.sched_getaffinity(0))
@@ -52,11 +50,3 @@ def test_cpu_quota_reads_cgroup_v2_and_v1(tmp_path, files, quota):
 def test_available_cpus_is_affinity_capped_by_the_quota(tmp_path, cpu_max, expected):
     write(tmp_path, {"cpu.max": cpu_max})
     assert available_cpus(tmp_path) == expected
-
-
-def test_threads_per_worker_divide_the_containers_cpus(monkeypatch):
-    monkeypatch.setattr(config, "available_cpus", lambda: 8)
-    assert Settings.from_env({"API_KEY": "k", "WEB_CONCURRENCY": "2"}).threads_per_worker == 4
-    assert Settings.from_env({"API_KEY": "k", "WEB_CONCURRENCY": "3"}).threads_per_worker == 2
-    assert Settings.from_env({"API_KEY": "k", "WEB_CONCURRENCY": "16"}).threads_per_worker == 1
-    assert Settings.from_env({"API_KEY": "k", "TORCH_THREADS": "3"}).threads_per_worker == 3
