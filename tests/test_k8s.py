@@ -73,6 +73,7 @@ def test_service_and_autoscaler_select_the_deployments_pods():
     target = hpa["spec"]["scaleTargetRef"]
     assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
     assert 2 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
+    assert "replicas" not in deployment["spec"]  # the autoscaler owns the count; `kubectl apply` must not reset it
     if "PodDisruptionBudget" in found:
         assert found["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"].items() <= labels.items()
 
