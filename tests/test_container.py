@@ -464,5 +464,10 @@ def test_compose_scale_file_uses_the_operations_nginx_template(tmp_path):
     [template] = services["nginx"]["volumes"]
     assert Path(template["source"]) == NGINX_TEMPLATE and NGINX_TEMPLATE.is_file()
     assert template["target"].startswith("/etc/nginx/templates/") and template["target"].endswith(".template")
-    assert set(services["llmapi"]["environment"]) <= SETTINGS
-    assert services["llmapi"]["environment"]["TRUSTED_PROXY_HOPS"] == "1"
+    llmapi, nginx = services["llmapi"]["environment"], services["nginx"]["environment"]
+    assert set(llmapi) <= SETTINGS
+    assert llmapi["TRUSTED_PROXY_HOPS"] == "1"
+    # Every placeholder of the template is set (envsubst would leave an unset one in the config).
+    assert set(re.findall(r"\$\{(\w+)\}", NGINX_TEMPLATE.read_text())) == set(nginx)
+    assert nginx["MAX_BODY_BYTES"] == llmapi["MAX_BODY_BYTES"]
+    assert seconds(nginx["NGINX_PROXY_TIMEOUT"]) > int(llmapi["GENERATION_TIMEOUT_MAX_MS"]) / 1000
