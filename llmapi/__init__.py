@@ -10,7 +10,7 @@ from typing import Any
 from flask import Flask
 from flask_smorest import Api
 
-from llmapi import api, errors, health
+from llmapi import api, errors, health, openai_api
 from llmapi.auth import EXTENSION as KEYS_EXTENSION
 from llmapi.config import Settings
 from llmapi.schemas import ErrorSchema
@@ -45,6 +45,7 @@ def create_app(
     spec = SpecApi(app)
     spec.register_blueprint(health.blp)
     spec.register_blueprint(api.create_blueprint(settings))
+    spec.register_blueprint(openai_api.create_blueprint(settings))
     errors.register(app)  # after Api(), so that these handlers replace flask-smorest's own
     return app
 

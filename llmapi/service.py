@@ -6,7 +6,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from flask import Flask, current_app
@@ -32,6 +32,7 @@ class EngineLike(Protocol):
     model_name: str
 
     def submit(self, request: GenerationRequest) -> HandleLike: ...
+    def render_chat(self, messages: Sequence[Mapping[str, str]]) -> str: ...
 
 
 EngineFactory = Callable[[Settings], EngineLike]
@@ -94,6 +95,10 @@ class EngineService:
     def submit(self, request: GenerationRequest) -> HandleLike:
         """Start a generation on this process's engine (every generation route goes through here)."""
         return self.get().submit(request)
+
+    def render_chat(self, messages: Sequence[Mapping[str, str]]) -> str:
+        """Render chat messages into a prompt with this process's model (loading it if needed)."""
+        return self.get().render_chat(messages)
 
     def _load(self) -> EngineLike:
         """Load the model under the lock, remembering a failure."""
