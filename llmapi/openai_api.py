@@ -22,10 +22,10 @@ from llmapi.engine.chat import ChatTemplateError
 from llmapi.engine.types import ContextLengthExceeded, EngineError, GenerationRequest, GenerationResult
 from llmapi.errors import APIError, error_body, from_engine_error, from_http_exception, respond, validation_error
 from llmapi.openai_schemas import (
+    CHUNK_EVENT_SCHEMA,
     ChatCompletionResponseSchema,
     CompletionResponseSchema,
     ModelListSchema,
-    ModelSchema,
     build,
 )
 from llmapi.schemas import MAX_SEED, ErrorSchema
@@ -118,7 +118,7 @@ def choice_requests(prompts: Sequence[str], args: dict[str, Any], settings: Sett
             temperature=args["temperature"],
             top_p=args["top_p"],
             seed=choice_seed(args.get("seed"), i),
-            stop=args["stop"],
+            stop=args.get("stop", ()),
             timeout_s=settings.timeout_default_ms / 1000.0,
             stream=args["stream"],
         )
@@ -206,6 +206,16 @@ def _pump(index: int, handle: HandleLike, events: queue.SimpleQueue[tuple[int, A
         events.put((index, _END))
 
 
+def in_band_error(exc: Exception) -> dict[str, Any]:
+    """The error event of a stream that failed after it started (its 200 status is already sent)."""
+    if isinstance(exc, EngineError):
+        failure = from_engine_error(exc)
+    else:
+        log.exception("stream failed")
+        failure = APIError("The server had an unexpected error.", status=500)
+    return error_body(failure.message, status=failure.status, param=failure.param)
+
+
 def stream_chunks(
     fmt: Format, handles: Sequence[HandleLike], head: dict[str, Any], *, n: int, include_usage: bool
 ) -> Iterator[str]:
@@ -224,12 +234,8 @@ def stream_chunks(
                 yield sse({**head, "choices": [fmt.delta(index, item)], **extra})
         if include_usage:
             yield sse({**head, "choices": [], "usage": usage(results, n)})
-    except EngineError as exc:
-        failure = from_engine_error(exc)
-        yield sse(error_body(failure.message, status=failure.status, param=failure.param))
-    except Exception:
-        log.exception("stream failed")
-        yield sse(error_body("The server had an unexpected error.", status=500))
+    except Exception as exc:
+        yield sse(in_band_error(exc))
     finally:
         # Runs on normal end and when the server closes the generator because the client went away.
         cancel(handles)
@@ -253,18 +259,13 @@ def served_model(args: dict[str, Any], settings: Settings) -> str:
     """Check the model a request names (if any) against the one served; 404 like OpenAI otherwise."""
     name = args.get("model")
     if name is not None and name != settings.served_model:
-        raise not_found(name)
+        raise APIError(
+            f"The model `{name}` does not exist; this server serves the model listed at /v1/models.",
+            status=404,
+            type="invalid_request_error",
+            param="model",
+        )
     return settings.served_model
-
-
-def not_found(name: str) -> APIError:
-    """The error for a model this server does not serve."""
-    return APIError(
-        f"The model `{name}` does not exist; this server serves the model listed at /v1/models.",
-        status=404,
-        type="invalid_request_error",
-        param="model",
-    )
 
 
 def render_chat(messages: Sequence[dict[str, str]]) -> str:
@@ -286,6 +287,11 @@ def bad_request(exc: HTTPException) -> Response:
 def create_blueprint(app_settings: Settings) -> Blueprint:
     """Build the /v1 blueprint with the request limits of `app_settings`."""
     schemas = build(app_settings)
+    max_tokens = min(16, app_settings.max_new_tokens_limit)  # examples within this server's limits
+    examples = {
+        "completion": {"prompt": "Artificial Intelligence is", "max_tokens": max_tokens},
+        "chat": {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": max_tokens},
+    }
     card = {"id": app_settings.served_model, "object": "model", "created": int(time.time()), "owned_by": "llmapi"}
     blp = Blueprint("openai", __name__, url_prefix="/v1", description="OpenAI-compatible API on the same engine.")
     blp.before_request(require_api_key)
@@ -311,21 +317,10 @@ def create_blueprint(app_settings: Settings) -> Blueprint:
         """List the served model (loads nothing)."""
         return {"object": "list", "data": [card]}
 
-    @blp.route("/models/<path:model>", methods=["GET"])
-    @blp.response(200, ModelSchema)
-    @blp.alt_response(401, schema=ErrorSchema, description="Missing or invalid API key")
-    @blp.alt_response(404, schema=ErrorSchema, description="Unknown model")
-    def retrieve_model(model: str) -> dict[str, Any]:
-        """Describe the served model (loads nothing)."""
-        if model != card["id"]:
-            raise not_found(model)
-        return card
-
     @blp.route("/completions", methods=["POST"])
-    @blp.arguments(
-        schemas.completion, error_status_code=400, example={"prompt": "Artificial Intelligence is", "max_tokens": 16}
-    )
+    @blp.arguments(schemas.completion, error_status_code=400, example=examples["completion"])
     @blp.response(200, CompletionResponseSchema)
+    @blp.alt_response(200, schema=CHUNK_EVENT_SCHEMA, content_type="text/event-stream")
     @documented
     def completions(args: dict[str, Any]) -> Any:
         """Complete a prompt, or each of a list of prompts, `n` times.
@@ -339,12 +334,9 @@ def create_blueprint(app_settings: Settings) -> Blueprint:
         return answer(CompletionFormat(prompts, echo=args["echo"]), handles, args, model)
 
     @blp.route("/chat/completions", methods=["POST"])
-    @blp.arguments(
-        schemas.chat,
-        error_status_code=400,
-        example={"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 16},
-    )
+    @blp.arguments(schemas.chat, error_status_code=400, example=examples["chat"])
     @blp.response(200, ChatCompletionResponseSchema)
+    @blp.alt_response(200, schema=CHUNK_EVENT_SCHEMA, content_type="text/event-stream")
     @documented
     def chat_completions(args: dict[str, Any]) -> Any:
         """Answer a conversation, rendered with the model's chat template (or the default one).

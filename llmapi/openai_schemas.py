@@ -17,6 +17,35 @@ MAX_MESSAGES = 256
 MAX_MODEL_CHARS = 256
 MAX_USER_CHARS = 256
 MAX_TEMPERATURE = 2.0  # OpenAI's range
+# One Server-Sent Event of a /v1 stream (before OpenAPI 3.2, a stream's schema describes each event).
+CHUNK_EVENT_SCHEMA = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {
+            "type": "string",
+            "description": "JSON: a chunk (or an error object), or `[DONE]` at the end",
+        }
+    },
+    "description": 'Server-Sent Events, answered when the request has `"stream": true`',
+}
+
+
+def is_text(value: str) -> bool:
+    """Whether `value` is Unicode text; JSON escapes can smuggle in lone surrogates, which no tokenizer takes."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def same(value: Any, neutral: Any) -> bool:
+    """Compare JSON values as JSON does: 0 and 0.0 are equal, but true is not 1."""
+    numbers = (int, float)
+    if isinstance(value, numbers) and isinstance(neutral, numbers) and bool not in (type(value), type(neutral)):
+        return value == neutral
+    return type(value) is type(neutral) and value == neutral
 
 
 class OpenAIStopField(StopField):
@@ -25,7 +54,15 @@ class OpenAIStopField(StopField):
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> tuple[str, ...]:
         if value == []:
             return ()
-        return super()._deserialize(value, attr, data, **kwargs)
+        stops = super()._deserialize(value, attr, data, **kwargs)
+        if not all(is_text(stop) for stop in stops):
+            raise self.make_error("invalid")
+        return stops
+
+    def _jsonschema_type_mapping(self) -> dict[str, Any]:
+        """The OpenAPI schema of this field: /generate's, with the empty list allowed."""
+        schema = super()._jsonschema_type_mapping()
+        return {"oneOf": [schema["oneOf"][0], {**schema["oneOf"][1], "minItems": 0}]}
 
 
 class PromptField(fields.Field):
@@ -46,6 +83,8 @@ class PromptField(fields.Field):
             )
         if not all(isinstance(item, str) and 0 < len(item) <= self.max_chars for item in items):
             raise ValidationError(f"Every prompt must be a string of 1 to {self.max_chars} characters.")
+        if not all(is_text(item) for item in items):
+            raise ValidationError("Must be valid Unicode text (it has an unpaired surrogate).")
         return tuple(items)
 
 
@@ -53,8 +92,13 @@ class ContentField(fields.Field):
     """A message's content: a string, or a list of text parts joined with newlines."""
 
     def __init__(self, *, max_chars: int, **kwargs: Any) -> None:
-        part = {"type": "object", "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {}}}
         text = {"type": "string", "maxLength": max_chars}
+        part = {
+            "type": "object",
+            "required": ["type", "text"],
+            "properties": {"type": {"type": "string", "enum": ["text"]}, "text": text},
+            "additionalProperties": False,
+        }
         super().__init__(metadata={"oneOf": [text, {"type": "array", "items": part}]}, **kwargs)
         self.max_chars = max_chars
 
@@ -65,6 +109,8 @@ class ContentField(fields.Field):
             raise ValidationError("Must be a string or a list of text parts.")
         if len(value) > self.max_chars:
             raise ValidationError(f"Longer than {self.max_chars} characters.")
+        if not is_text(value):
+            raise ValidationError("Must be valid Unicode text (it has an unpaired surrogate).")
         return value
 
     @staticmethod
@@ -83,12 +129,12 @@ class Unsupported(fields.Field):
     def __init__(self, *neutral: Any, **kwargs: Any) -> None:
         allowed = " or ".join(["null", *(json.dumps(value) for value in neutral)])
         self.hint = f"Not supported by this server; leave it out (accepted: {allowed})."
-        super().__init__(allow_none=True, metadata={"description": self.hint}, **kwargs)
+        metadata = {"description": self.hint, "enum": [None, *neutral]}
+        super().__init__(allow_none=True, metadata=metadata, **kwargs)
         self.neutral = neutral
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
-        # Compare types too: True == 1 and False == 0 in Python, but not in a request.
-        if not any(type(value) is type(ok) and value == ok for ok in self.neutral):
+        if not any(same(value, ok) for ok in self.neutral):
             raise ValidationError(self.hint)
         return value
 
@@ -134,15 +180,21 @@ class CompletionChoiceSchema(Schema):
     finish_reason = fields.String(required=True, metadata={"description": "stop, length or timeout"})
 
 
-class CompletionResponseSchema(Schema):
-    """POST /v1/completions."""
+class ResponseHeadSchema(Schema):
+    """What every /v1 completion body carries besides its choices."""
 
     id = fields.String(required=True, metadata={"example": "cmpl-8f2c..."})
     object = fields.String(required=True, metadata={"example": "text_completion"})
-    created = fields.Integer(required=True)
+    created = fields.Integer(required=True, metadata={"description": "Unix time"})
     model = fields.String(required=True)
+    choices = fields.List(fields.Dict(), required=True)  # each kind declares its own; declared here for the order
+    usage = fields.Nested(UsageSchema, required=True, metadata={"description": "each prompt once, every choice"})
+
+
+class CompletionResponseSchema(ResponseHeadSchema):
+    """POST /v1/completions."""
+
     choices = fields.List(fields.Nested(CompletionChoiceSchema), required=True)
-    usage = fields.Nested(UsageSchema, required=True)
 
 
 class ChatMessageOutSchema(Schema):
@@ -161,15 +213,10 @@ class ChatChoiceSchema(Schema):
     finish_reason = fields.String(required=True, metadata={"description": "stop, length or timeout"})
 
 
-class ChatCompletionResponseSchema(Schema):
-    """POST /v1/chat/completions."""
+class ChatCompletionResponseSchema(ResponseHeadSchema):
+    """POST /v1/chat/completions: `id` chatcmpl-..., `object` chat.completion."""
 
-    id = fields.String(required=True, metadata={"example": "chatcmpl-8f2c..."})
-    object = fields.String(required=True, metadata={"example": "chat.completion"})
-    created = fields.Integer(required=True)
-    model = fields.String(required=True)
     choices = fields.List(fields.Nested(ChatChoiceSchema), required=True)
-    usage = fields.Nested(UsageSchema, required=True)
 
 
 @dataclass(frozen=True)
@@ -196,7 +243,7 @@ def build(settings: Settings) -> OpenAISchemas:
             allow_none=True,
             load_default=settings.max_new_tokens_default,
             validate=Range(min=1, max=limit),
-            metadata={"example": 16},
+            metadata={"example": min(16, limit)},
         )
         temperature = StrictFloat(
             allow_none=True,
@@ -211,19 +258,23 @@ def build(settings: Settings) -> OpenAISchemas:
             validate=Range(min=1, max=choices),
             metadata={"description": f"choices per prompt; prompts x n at most {choices}"},
         )
-        stop = OpenAIStopField(allow_none=True, load_default=())
+        stop = OpenAIStopField(allow_none=True)
         seed = StrictInteger(
             allow_none=True,
             validate=Range(min=0, max=MAX_SEED),
             metadata={"description": "choice i of each prompt samples with seed + i"},
         )
         stream = StrictBoolean(allow_none=True, load_default=False)
-        stream_options = fields.Nested(StreamOptionsSchema, allow_none=True)
+        stream_options = fields.Nested(
+            StreamOptionsSchema,
+            allow_none=True,
+            metadata={"description": "no effect without stream: bodies carry usage"},
+        )
         user = fields.String(
             allow_none=True, validate=Length(max=MAX_USER_CHARS), metadata={"description": "accepted, not used"}
         )
-        presence_penalty = Unsupported(0, 0.0)
-        frequency_penalty = Unsupported(0, 0.0)
+        presence_penalty = Unsupported(0)
+        frequency_penalty = Unsupported(0)
         logit_bias = Unsupported({})
 
         @pre_load
@@ -232,11 +283,6 @@ def build(settings: Settings) -> OpenAISchemas:
             if not isinstance(data, dict):
                 return data
             return {key: value for key, value in data.items() if value is not None or key in ("prompt", "messages")}
-
-        @validates_schema
-        def _stream_options_need_stream(self, data: dict[str, Any], **kwargs: Any) -> None:
-            if "stream_options" in data and not data.get("stream"):
-                raise ValidationError("Only allowed when stream is true.", "stream_options")
 
     class CompletionRequestSchema(SamplingSchema):
         """The body of POST /v1/completions."""
@@ -248,17 +294,14 @@ def build(settings: Settings) -> OpenAISchemas:
             metadata={"example": "Artificial Intelligence is"},
         )
         echo = StrictBoolean(load_default=False, allow_none=True, metadata={"description": "prepend the prompt"})
-        best_of = StrictInteger(allow_none=True, metadata={"description": "accepted only when equal to n"})
+        best_of = Unsupported(1)  # no server-side ranking of candidates
         suffix = Unsupported("")
         logprobs = Unsupported()
 
         @validates_schema
         def _choices_fit(self, data: dict[str, Any], **kwargs: Any) -> None:
-            n = data.get("n", 1)
-            if len(data.get("prompt", ())) * n > choices:
+            if len(data.get("prompt", ())) * data.get("n", 1) > choices:
                 raise ValidationError(f"prompts x n must be at most {choices}.", "n")
-            if data.get("best_of", n) != n:
-                raise ValidationError("Only best_of equal to n is supported (no server-side ranking).", "best_of")
 
     class ChatMessageSchema(MessageSchema):
         """One chat message, its content limited like a prompt."""
