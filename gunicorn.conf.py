@@ -41,6 +41,8 @@ access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms pid=%(p)s'
 
 # Process naming
 proc_name = "llmapi"
+# gunicorn's control socket defaults to one path per user, which instances on one host would share.
+control_socket_disable = True
 
 
 def post_fork(server, worker):

@@ -8,21 +8,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from flask import Flask
-from flask_smorest import Api
 
 from llmapi import api, errors, health, openai_api
 from llmapi.auth import EXTENSION as KEYS_EXTENSION
 from llmapi.config import Settings
-from llmapi.schemas import ErrorSchema
+from llmapi.docs import SpecApi
 from llmapi.service import EngineFactory, EngineService, load_engine
 
 __version__ = "0.1.0"
-
-
-class SpecApi(Api):
-    """flask-smorest's Api, documenting our error shape wherever it documents an error."""
-
-    ERROR_SCHEMA = ErrorSchema
 
 
 def create_app(
@@ -36,7 +29,7 @@ def create_app(
         settings = Settings.from_env(environ or {}, **test_config)
     else:
         settings = Settings.from_env(environ)
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=None)  # no /static route: nothing to serve there
     app.config.from_mapping(flask_config(settings))
     app.json.sort_keys = False  # keep fields in schema order, as clients print them
     configure_logging(settings.log_level)

@@ -7,6 +7,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from llmapi.cpus import available_cpus
+
 DEFAULT_MODEL = "sshleifer/tiny-gpt2"
 
 
@@ -109,7 +111,7 @@ class Settings:
         """Torch threads for one worker so that workers x threads fit the cores."""
         if self.torch_threads > 0:
             return self.torch_threads
-        return max(1, (os.cpu_count() or 1) // self.workers)
+        return max(1, available_cpus() // self.workers)  # a container's CPU limit counts, not the host's cores
 
     @property
     def served_model(self) -> str:

@@ -11,7 +11,15 @@ from marshmallow.validate import Length, OneOf, Range
 
 from llmapi.config import Settings
 from llmapi.engine.chat import ROLES
-from llmapi.schemas import MAX_SEED, StopField, StrictBoolean, StrictFloat, StrictInteger, UsageSchema
+from llmapi.schemas import (
+    MAX_SEED,
+    StopField,
+    StrictBoolean,
+    StrictFloat,
+    StrictInteger,
+    UsageSchema,
+    is_text,
+)
 
 MAX_MESSAGES = 256
 MAX_MODEL_CHARS = 256
@@ -31,15 +39,6 @@ CHUNK_EVENT_SCHEMA = {
 }
 
 
-def is_text(value: str) -> bool:
-    """Whether `value` is Unicode text; JSON escapes can smuggle in lone surrogates, which no tokenizer takes."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def same(value: Any, neutral: Any) -> bool:
     """Compare JSON values as JSON does: 0 and 0.0 are equal, but true is not 1."""
     numbers = (int, float)
@@ -54,10 +53,7 @@ class OpenAIStopField(StopField):
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> tuple[str, ...]:
         if value == []:
             return ()
-        stops = super()._deserialize(value, attr, data, **kwargs)
-        if not all(is_text(stop) for stop in stops):
-            raise self.make_error("invalid")
-        return stops
+        return super()._deserialize(value, attr, data, **kwargs)
 
     def _jsonschema_type_mapping(self) -> dict[str, Any]:
         """The OpenAPI schema of this field: /generate's, with the empty list allowed."""

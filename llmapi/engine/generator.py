@@ -142,6 +142,8 @@ class Row:
             self._add_text(self.decoder.flush())
         self.stream()
         self.closed = True
+        if self.finish_reason == "cancelled":
+            log.info("generation cancelled after %d of %d new tokens", self.generated, self.request.max_new_tokens)
         self.timings["total_s"] = now - self.submitted
         result = GenerationResult(
             text=self.text,
