@@ -8,7 +8,7 @@ from typing import Any
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from llmapi import admission, api, errors, health, logs, metrics
+from llmapi import admission, api, errors, health, logs, metrics, openai_api
 from llmapi.auth import EXTENSION as KEYS_EXTENSION
 from llmapi.config import Settings
 from llmapi.docs import SpecApi
@@ -47,6 +47,7 @@ def create_app(
     spec.register_blueprint(health.blp)
     spec.register_blueprint(metrics.blp)
     spec.register_blueprint(api.create_blueprint(settings))
+    spec.register_blueprint(openai_api.create_blueprint(settings))
     errors.register(app)  # after Api(), so that these handlers replace flask-smorest's own
     return app
 

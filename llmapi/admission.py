@@ -18,6 +18,7 @@ from flask import Flask, Response, g, has_request_context
 
 from llmapi.engine.types import GenerationRequest, GenerationResult
 from llmapi.errors import APIError
+from llmapi.logs import current_request_id
 from llmapi.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,8 @@ class TrackedHandle:
         self._log_prompts = log_prompts
         self.ended = False
         self._lock = threading.Lock()
+        # Kept for the log line: a route may read the handle from another thread (/v1 merges streams so).
+        self._request_id = current_request_id()
         if has_request_context():
             g.setdefault("llmapi_handles", []).append(self)
 
@@ -121,7 +124,8 @@ class TrackedHandle:
             self._metrics.observe_result(result)
         else:
             self._metrics.generations.labels(reason).inc()
-        log.info("generation ended: %s", describe(reason, result, self._request, log_prompts=self._log_prompts))
+        line = describe(reason, result, self._request, log_prompts=self._log_prompts)
+        log.info("generation ended: %s", line, extra={"request_id": self._request_id or "-"})
 
 
 def describe(reason: str, result: GenerationResult | None, request: GenerationRequest, *, log_prompts: bool) -> str:

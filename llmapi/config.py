@@ -94,6 +94,12 @@ class Settings:
     threads: int = env("GUNICORN_THREADS", 16, doc="gunicorn threads per worker (concurrent requests)")
     bind: str = env("BIND", "0.0.0.0:8000", doc="address gunicorn listens on")
     log_level: str = env("LOG_LEVEL", "info", doc="debug, info, warning or error")
+    served_model_name: str = env(
+        "SERVED_MODEL_NAME", "", doc="the model id of the /v1 API (what /v1/models lists); empty = MODEL_NAME"
+    )
+    openai_max_choices: int = env(
+        "OPENAI_MAX_CHOICES", 8, doc="most sequences one /v1 request may ask for (prompts x n)"
+    )
     warmup: bool = env("WARMUP", False, doc="load the model in the background as soon as a worker starts")
     max_inflight: int = env(
         "MAX_INFLIGHT_REQUESTS", 0, doc="generation requests one worker admits at once; 0 = GUNICORN_THREADS - 1"
@@ -128,6 +134,11 @@ class Settings:
             return self.torch_threads
         return max(1, available_cpus() // self.workers)  # a container's CPU limit counts, not the host's cores
 
+    @property
+    def served_model(self) -> str:
+        """The model id clients name on /v1."""
+        return self.served_model_name or self.model_name
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Read every setting from `environ` (default os.environ), apply overrides, and check them."""
@@ -155,6 +166,7 @@ class Settings:
             "MAX_BATCH_SIZE": self.max_batch_size,
             "WEB_CONCURRENCY": self.workers,
             "GUNICORN_THREADS": self.threads,
+            "OPENAI_MAX_CHOICES": self.openai_max_choices,
         }
         for name, value in positive.items():
             if value < 1:

@@ -6,7 +6,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol
 
@@ -35,6 +35,7 @@ class EngineLike(Protocol):
     model_name: str
 
     def submit(self, request: GenerationRequest) -> HandleLike: ...
+    def render_chat(self, messages: Sequence[Mapping[str, str]]) -> str: ...
 
 
 EngineFactory = Callable[[Settings], EngineLike]
@@ -144,6 +145,10 @@ class EngineService:
     def _retry_pending(self) -> bool:
         """Whether the last load failed less than MODEL_RETRY_SECONDS ago."""
         return self._failure is not None and time.monotonic() - self._failed_at < self.settings.model_retry_seconds
+
+    def render_chat(self, messages: Sequence[Mapping[str, str]]) -> str:
+        """Render chat messages into a prompt with this process's model (loading it if needed)."""
+        return self.get().render_chat(messages)
 
     def _load(self) -> EngineLike:
         """Load the model under the lock, remembering a failure."""

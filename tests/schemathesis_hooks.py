@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import schemathesis
 
+import tests.schemathesis_openai_hooks  # noqa: F401 (registers the /v1 routes' rules)
+
 
 @schemathesis.hook
 def filter_case(context: schemathesis.HookContext, case: schemathesis.Case) -> bool:

@@ -52,15 +52,18 @@ def test_seed_gives_the_same_text_under_concurrent_load(server):
         noise = {"prompt": f"Other request {i} " * (i % 5 + 1), "max_new_tokens": 5 + i % 20}
         return server.post("/generate", {**noise, "temperature": 1.0} if i % 2 else noise)
 
-    responses = run_concurrently(call, 36)
-    assert all(r.status_code == 200 for r in responses)
-    seeded = [r.json() for i, r in enumerate(responses) if i % 3 == 0]
+    seeded: list[dict] = []
+    # Rounds until both workers have served (the kernel, not us, spreads connections over them).
+    for _ in range(5):
+        responses = run_concurrently(call, 36)
+        assert all(r.status_code == 200 for r in responses)
+        seeded += [r.json() for i, r in enumerate(responses) if i % 3 == 0]
+        if len(set(re.findall(r"pid=(\d+) loaded model", server.log()))) == 2:
+            break
+    assert len(set(re.findall(r"pid=(\d+) loaded model", server.log()))) == 2, "one worker served everything"
     alone = server.post("/generate", SAMPLED).json()
     assert {body["generated_text"] for body in seeded} == {alone["generated_text"]}
     assert all(body["seed"] == 1234 for body in seeded)
-    # Served by both workers: the promise holds across processes too.
-    pids = {m.group(1) for m in re.finditer(r"pid=(\d+) loaded model", server.log())}
-    assert len(pids) == 2
 
 
 def test_returned_seed_reproduces_an_unseeded_sample(server):

@@ -319,6 +319,16 @@ def test_log_lines_carry_the_request_id_and_no_prompt_by_default(app, client):
     assert not any("secret prompt" in line or KEY in line for line in lines)
 
 
+def test_generation_lines_of_v1_streams_carry_the_request_id(app, client):
+    stream = capture_llmapi_log()
+    body = {"model": "sshleifer/tiny-gpt2", "prompt": "hi", "max_tokens": 2, "n": 2, "stream": True}
+    response = client.post("/v1/completions", json=body, headers={"X-Request-ID": "v1-stream-1", **AUTH})
+    assert response.status_code == 200 and response.get_data(as_text=True).endswith("data: [DONE]\n\n")
+    ended = [line for line in stream.getvalue().splitlines() if "generation ended" in line]
+    assert len(ended) == 2 and all("[v1-stream-1]" in line for line in ended), ended
+    assert engine_service_of(app).admission.count == 0
+
+
 def test_json_log_format_writes_one_object_per_line():
     client = make_app(log_format="json").test_client()
     stream = capture_llmapi_log()

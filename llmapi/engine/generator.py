@@ -8,10 +8,11 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
+from llmapi.engine.chat import Message, render
 from llmapi.engine.loader import LoadedModel
 from llmapi.engine.sampling import RowControls, choose
 from llmapi.engine.text import IncrementalDecoder, StopMatcher
@@ -189,6 +190,11 @@ class Engine:
         """Detokenize `ids`, leaving out special tokens."""
         with self._tokenizer_lock:
             return self.loaded.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def render_chat(self, messages: Sequence[Message]) -> str:
+        """Turn chat messages into the prompt this model expects (its chat template, or the default)."""
+        with self._tokenizer_lock:
+            return render(self.loaded.tokenizer, messages)
 
     def submit(self, request: GenerationRequest) -> Handle:
         """Queue `request` and return its handle; raise ContextLengthExceeded when it cannot fit."""
