@@ -1,10 +1,11 @@
 """Admission control and per-generation accounting, wrapped around every EngineService.submit().
 
-Each admitted generation holds a request thread of its gunicorn worker until it ends (a stream: until
-its last event). A worker admits at most `Settings.admission_limit` of them, always fewer than its
+Each admitted request holds a thread of its gunicorn worker until its generations end (a stream: until
+its last event). A worker admits at most `Settings.admission_limit` requests, always fewer than its
 threads, so that /health, /ready, /metrics and the refusals themselves always find a free thread; one
-more gets an immediate 503 with Retry-After instead of a place in a queue. A handle that a route leaves
-unfinished is cancelled when its response is closed, so that neither its place nor the engine's work leaks.
+more gets an immediate 503 with Retry-After instead of a place in a queue. The generations one request
+starts (a /v1 request with n choices) share its place. A handle that a route leaves unfinished is
+cancelled when its response is closed, so that neither its place nor the engine's work leaks.
 """
 
 from __future__ import annotations
@@ -22,29 +23,41 @@ from llmapi.logs import current_request_id
 from llmapi.metrics import Metrics
 
 log = logging.getLogger(__name__)
-RETRY_AFTER_S = 1  # a slot frees as soon as any generation of this worker ends: retry soon
+RETRY_AFTER_S = 1  # a place frees as soon as any request of this worker ends: retry soon
 PROMPT_LOG_CHARS = 200
 
 
 class Slot:
-    """One admitted request's place in its worker; given back exactly once."""
+    """One admitted request's place in its worker, held by each of its generations; given back by the last."""
 
     def __init__(self, admission: Admission) -> None:
         self._admission = admission
-        self._released = False
+        self._holders = 1
+        self.released = False
+
+    def hold(self) -> bool:
+        """Hold the place for one more generation; False once it has been given back."""
+        with self._admission.lock:
+            if self.released:
+                return False
+            self._holders += 1
+            return True
 
     def release(self) -> None:
-        """Give the place back (again is a no-op)."""
+        """Let go of the place for one generation; the last one gives it back."""
         with self._admission.lock:
-            if self._released:
+            if self.released:
                 return
-            self._released = True
+            self._holders -= 1
+            if self._holders > 0:
+                return
+            self.released = True
             self._admission.count -= 1
         self._admission.metrics.in_flight.dec()
 
 
 class Admission:
-    """Counts this worker's admitted generation requests and refuses those beyond the limit."""
+    """Counts this worker's admitted requests and refuses those beyond the limit."""
 
     def __init__(self, limit: int, metrics: Metrics) -> None:
         self.limit = limit
@@ -52,8 +65,17 @@ class Admission:
         self.count = 0
         self.lock = threading.Lock()
 
+    def admit(self) -> Slot:
+        """The place of the current request: taken by its first generation, shared by the ones after."""
+        if not has_request_context():
+            return self.enter()
+        slot: Slot | None = g.get("llmapi_slot")
+        if slot is None or not slot.hold():
+            slot = g.llmapi_slot = self.enter()
+        return slot
+
     def enter(self) -> Slot:
-        """Take a place, or raise a 503 at once when every place is taken."""
+        """Take a new place, or raise a 503 at once when every place is taken."""
         with self.lock:
             full = self.count >= self.limit
             if not full:
@@ -61,7 +83,7 @@ class Admission:
         if full:
             self.metrics.rejected.labels("overload").inc()
             raise APIError(
-                f"The server is at capacity ({self.limit} generation requests per worker); retry shortly.",
+                f"The server is at capacity ({self.limit} requests per worker); retry shortly.",
                 status=503,
                 headers={"Retry-After": str(RETRY_AFTER_S)},
             )
@@ -70,7 +92,7 @@ class Admission:
 
 
 class TrackedHandle:
-    """An engine handle that records its generation's metrics and log line once, when it ends."""
+    """An engine handle that records its generation's metrics and log line, and lets go of its place, when it ends."""
 
     def __init__(
         self, inner: Any, request: GenerationRequest, slot: Slot, metrics: Metrics, *, log_prompts: bool = False

@@ -102,7 +102,7 @@ class Settings:
     )
     warmup: bool = env("WARMUP", False, doc="load the model in the background as soon as a worker starts")
     max_inflight: int = env(
-        "MAX_INFLIGHT_REQUESTS", 0, doc="generation requests one worker admits at once; 0 = GUNICORN_THREADS - 1"
+        "MAX_INFLIGHT_REQUESTS", 0, doc="generating requests one worker admits at once; 0 = GUNICORN_THREADS - 1"
     )
     metrics_key: str = env("METRICS_KEY", "", doc="keys that may read /metrics, comma-separated; empty = open")
     metrics_dir: str = env(

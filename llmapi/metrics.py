@@ -51,10 +51,10 @@ class Metrics:
             **reg,
         )
         live = {"multiprocess_mode": "livesum", **reg}
-        self.in_flight = Gauge("requests_in_flight", "generation requests admitted and not finished", **live)
-        self.waiting = Gauge("requests_waiting", "admitted generation requests waiting for the model to load", **live)
-        self.capacity = Gauge("admission_capacity", "generation requests the live workers admit at once", **live)
-        self.rejected = Counter("requests_rejected", "generation requests refused", ["reason"], **reg)
+        self.in_flight = Gauge("requests_in_flight", "generating requests admitted and not finished", **live)
+        self.waiting = Gauge("requests_waiting", "admitted generations waiting for the model to load", **live)
+        self.capacity = Gauge("admission_capacity", "generating requests the live workers admit at once", **live)
+        self.rejected = Counter("requests_rejected", "generating requests refused", ["reason"], **reg)
         self.generations = Counter("generations", "generations ended, by finish reason", ["finish_reason"], **reg)
         self.prompt_tokens = Counter("prompt_tokens", "prompt tokens of finished generations", **reg)
         self.new_tokens = Counter("generated_tokens", "new tokens generated", **reg)

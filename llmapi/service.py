@@ -105,9 +105,10 @@ class EngineService:
         """Start a generation on this process's engine (every generation route goes through here).
 
         Admission control and metrics live here, so that every route gets them: beyond this worker's
-        limit the request gets a 503 at once, and the handle records the generation when it ends.
+        limit a request gets a 503 at once (the generations of one request share its place), and the
+        handle records its generation when it ends.
         """
-        slot = self.admission.enter()
+        slot = self.admission.admit()
         try:
             with self._waiting():
                 engine = self.get()

@@ -27,7 +27,7 @@ def server(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     port = free_port()
     log_path = tmp_path_factory.mktemp("openai") / "gunicorn.log"
     env = {"API_KEY": KEY, "MODEL_NAME": tiny_model, "SERVED_MODEL_NAME": SERVED, "BIND": f"127.0.0.1:{port}"}
-    env.update(WEB_CONCURRENCY="2", GUNICORN_THREADS="4")
+    env.update(WEB_CONCURRENCY="2", GUNICORN_THREADS="9")  # one worker may admit all 8 concurrent requests below
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],

@@ -249,6 +249,19 @@ def test_overload_is_an_immediate_503_with_retry_after():
     assert service.admission.count == 0
 
 
+def test_the_generations_of_one_request_share_its_place():
+    app = make_app(threads=3, max_inflight=2)
+    service = engine_service_of(app)
+    with app.app_context():
+        held = service.submit(GenerationRequest(prompt="a", max_new_tokens=1))  # one place taken elsewhere
+    body = {"model": "sshleifer/tiny-gpt2", "prompt": ["one", "two"], "max_tokens": 2, "n": 3}
+    response = app.test_client().post("/v1/completions", json=body, headers=AUTH)
+    assert response.status_code == 200 and len(response.get_json()["choices"]) == 6
+    assert service.admission.count == 1
+    held.cancel()
+    assert service.admission.count == 0
+
+
 def test_a_stream_holds_its_place_until_its_last_event(client, app):
     service = engine_service_of(app)
     response = generate(client, stream=True)
