@@ -33,15 +33,6 @@ VENV_BIN = Path(sys.executable).parent
 WHEEL = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w"]  # + folder, project
 NGINX_TEMPLATE = ROOT / "deploy" / "nginx" / "llmapi.conf.template"
 SETTINGS = {name for name, _, _ in documented()}
-# These come with the operations issue (6): until that branch is merged, the tests that need them must fail.
-needs_readiness = pytest.mark.xfail(
-    "WARMUP" not in SETTINGS, reason="/ready and WARMUP arrive with the operations branch", strict=True
-)
-needs_nginx = pytest.mark.xfail(
-    not ("TRUSTED_PROXY_HOPS" in SETTINGS and NGINX_TEMPLATE.is_file()),
-    reason="deploy/nginx/ and TRUSTED_PROXY_HOPS arrive with the operations branch",
-    strict=True,
-)
 
 
 # ---- reading the files
@@ -458,7 +449,6 @@ def test_compose_scale_file_puts_nginx_in_front_of_replicas(tmp_path, monkeypatc
 
 
 @pytest.mark.slow
-@needs_nginx
 def test_compose_scale_file_uses_the_operations_nginx_template(tmp_path):
     services = compose_services(tmp_path, COMPOSE, COMPOSE_SCALE)
     [template] = services["nginx"]["volumes"]

@@ -14,7 +14,7 @@ import yaml
 from kubernetes_validate.utils import all_versions
 
 import llmapi
-from tests.test_container import SETTINGS, image_env, needs_readiness, runtime, values
+from tests.test_container import SETTINGS, image_env, runtime, values
 
 K8S = Path(__file__).resolve().parent.parent / "deploy" / "k8s"
 MANIFESTS = sorted(K8S.glob("*.yaml"))
@@ -119,13 +119,12 @@ def test_deployment_grace_period_outlasts_the_generation_deadline(monkeypatch):
     assert grace > int(pre_stop[1]) + graceful > int(env["GENERATION_TIMEOUT_MAX_MS"]) / 1000
 
 
-@needs_readiness
 def test_deployment_environment_names_real_settings():
     assert set(env_values()) | {"API_KEY"} <= SETTINGS
     assert env_values()["WARMUP"] == "true"  # so that readiness comes without traffic
 
 
-@pytest.mark.parametrize("probe", ["livenessProbe", pytest.param("readinessProbe", marks=needs_readiness)])
+@pytest.mark.parametrize("probe", ["livenessProbe", "readinessProbe"])
 def test_probes_point_at_open_routes_of_the_app(app, probe):
     path = container()[probe]["httpGet"]["path"]
     assert container()[probe]["httpGet"]["port"] == container()["ports"][0]["name"]
@@ -140,7 +139,6 @@ def test_liveness_is_health_and_readiness_is_ready():
 
 
 @pytest.mark.slow
-@needs_readiness
 def test_pods_turn_ready_without_traffic_on_a_real_server(start_server, tiny_model):
     # The Deployment's environment (the tiny model in place of gpt2): liveness answers at once, and
     # readiness comes by itself, with no generate request, as the kubelet needs it to.
