@@ -145,7 +145,9 @@ def error_statuses(operation: dict[str, Any], hooks: set[Callable[..., Any]], ru
     """The error statuses an operation can answer, from its hooks, its body and its path."""
     statuses = [401] if hooks & AUTH_HOOKS else []
     if "requestBody" in operation:
-        statuses += [400, 413, 415, 422] if hooks & JSON_HOOKS else [400, 413, 422]
+        statuses += [400, 413, 415] if hooks & JSON_HOOKS else [400, 413]
+        # flask-smorest declares the validation status it answers with (422, or 400 on /v1) itself.
+        statuses += [422] if 422 in operation.get("responses", {}) or "422" in operation.get("responses", {}) else []
     if rule.arguments:
         statuses.append(404)
     return [*statuses, 500]
