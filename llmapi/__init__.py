@@ -2,27 +2,21 @@
 
 from __future__ import annotations
 
-import logging
-import sys
 from collections.abc import Mapping
 from typing import Any
 
 from flask import Flask
-from flask_smorest import Api
+from werkzeug.middleware.proxy_fix import ProxyFix
 
-from llmapi import api, errors, health
+from llmapi import admission, api, errors, health, logs, metrics, openai_api
 from llmapi.auth import EXTENSION as KEYS_EXTENSION
 from llmapi.config import Settings
-from llmapi.schemas import ErrorSchema
+from llmapi.docs import SpecApi
+from llmapi.logs import configure_logging
+from llmapi.metrics import Metrics
 from llmapi.service import EngineFactory, EngineService, load_engine
 
 __version__ = "0.1.0"
-
-
-class SpecApi(Api):
-    """flask-smorest's Api, documenting our error shape wherever it documents an error."""
-
-    ERROR_SCHEMA = ErrorSchema
 
 
 def create_app(
@@ -36,15 +30,24 @@ def create_app(
         settings = Settings.from_env(environ or {}, **test_config)
     else:
         settings = Settings.from_env(environ)
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=None)  # no /static route: nothing to serve there
     app.config.from_mapping(flask_config(settings))
     app.json.sort_keys = False  # keep fields in schema order, as clients print them
-    configure_logging(settings.log_level)
+    configure_logging(settings)
     app.extensions[KEYS_EXTENSION] = tuple(key.encode("utf-8") for key in settings.keys)
-    EngineService(settings, engine_factory).init_app(app)
+    logs.init_app(app)  # first: every later hook may log, and every response carries the request id
+    service_metrics = Metrics(settings)
+    service_metrics.init_app(app)
+    admission.init_app(app)
+    EngineService(settings, engine_factory, metrics=service_metrics).init_app(app)
+    if settings.trusted_proxy_hops:  # only then may X-Forwarded-* say who the client is
+        hops = settings.trusted_proxy_hops
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops, x_port=hops)
     spec = SpecApi(app)
     spec.register_blueprint(health.blp)
+    spec.register_blueprint(metrics.blp)
     spec.register_blueprint(api.create_blueprint(settings))
+    spec.register_blueprint(openai_api.create_blueprint(settings))
     errors.register(app)  # after Api(), so that these handlers replace flask-smorest's own
     return app
 
@@ -60,14 +63,3 @@ def flask_config(settings: Settings) -> dict[str, Any]:
         "OPENAPI_URL_PREFIX": "/",
         "OPENAPI_JSON_PATH": "openapi.json",
     }
-
-
-def configure_logging(level: str) -> None:
-    """Send llmapi's logs to stderr (gunicorn's error log) once per process."""
-    logger = logging.getLogger("llmapi")
-    logger.setLevel(level.upper())
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"))
-        logger.addHandler(handler)
-        logger.propagate = False

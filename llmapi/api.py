@@ -10,6 +10,7 @@ from typing import Any
 from flask import Response, current_app, request
 from flask_smorest import Blueprint
 
+from llmapi import examples
 from llmapi.auth import require_api_key
 from llmapi.config import Settings
 from llmapi.engine.types import EngineError, GenerationRequest, GenerationResult
@@ -21,6 +22,19 @@ log = logging.getLogger(__name__)
 
 SAMPLING_KEYS = ("temperature", "top_p", "top_k")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# One Server-Sent Event (before OpenAPI 3.2, a stream's schema describes each event, as schemathesis reads it).
+SSE_SCHEMA = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {
+            "type": "string",
+            "description": 'JSON: `{"token": {"text": ...}}` per piece, then the full answer (or an error object)',
+        }
+    },
+    "description": 'Server-Sent Events, answered when the request has `"stream": true`',
+}
+RETRY_AFTER = {"Retry-After": {"description": "seconds before a retry may succeed", "schema": {"type": "integer"}}}
 
 
 def require_json() -> None:
@@ -105,11 +119,11 @@ def create_blueprint(app_settings: Settings) -> Blueprint:
 
     @blp.route("/generate", methods=["POST"])
     # An instance, not the class: webargs would otherwise build (and deep-copy the fields of) one per request.
-    @blp.arguments(schemas.generate(), example={"prompt": "Artificial Intelligence is", "max_new_tokens": 40})
-    @blp.response(200, GenerateResponseSchema)
-    @blp.alt_response(401, schema=ErrorSchema, description="Missing or invalid API key")
+    @blp.arguments(schemas.generate(), examples=examples.generate_requests(app_settings))
+    @blp.response(200, GenerateResponseSchema, example=examples.generate_response())
+    @blp.alt_response(200, schema=SSE_SCHEMA, content_type="text/event-stream", example=examples.generate_stream())
     @blp.alt_response(422, schema=ErrorSchema, description="Invalid parameters or too long for the context")
-    @blp.alt_response(503, schema=ErrorSchema, description="Model unavailable")
+    @blp.alt_response(503, schema=ErrorSchema, description="Model unavailable", headers=RETRY_AFTER)
     def generate(args: dict[str, Any]) -> Any:
         """Generate a continuation of the prompt.
 

@@ -34,10 +34,15 @@ def require_api_key() -> None:
     """before_request hook: answer 401 unless the request carries a configured key."""
     if request.method == "OPTIONS":
         return
+    require_key(current_app.extensions[EXTENSION])
+
+
+def require_key(keys: tuple[bytes, ...]) -> None:
+    """Answer 401 unless the request carries one of `keys` (routes with keys of their own use this too)."""
     presented = _presented()
     if not presented:
         raise APIError("Missing API key: send it in the x-api-key header.", status=401, headers=_challenge())
-    if not is_valid(presented, current_app.extensions[EXTENSION]):
+    if not is_valid(presented, keys):
         raise APIError("Invalid API key.", status=401, headers=_challenge())
 
 

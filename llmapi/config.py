@@ -7,6 +7,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from llmapi.cpus import available_cpus
+
 DEFAULT_MODEL = "sshleifer/tiny-gpt2"
 ENGINE_MODES = ("batch", "simple")
 
@@ -90,9 +92,26 @@ class Settings:
     max_batch_size: int = env("MAX_BATCH_SIZE", 8, doc="most sequences decoded together in one worker")
     batch_wait_ms: float = env("BATCH_WAIT_MS", 2.0, doc="how long a new batch waits for company")
     workers: int = env("WEB_CONCURRENCY", 2, doc="gunicorn worker processes, each with its own model")
-    threads: int = env("GUNICORN_THREADS", 8, doc="gunicorn threads per worker (concurrent requests)")
+    threads: int = env("GUNICORN_THREADS", 16, doc="gunicorn threads per worker (concurrent requests)")
     bind: str = env("BIND", "0.0.0.0:8000", doc="address gunicorn listens on")
     log_level: str = env("LOG_LEVEL", "info", doc="debug, info, warning or error")
+    served_model_name: str = env(
+        "SERVED_MODEL_NAME", "", doc="the model id of the /v1 API (what /v1/models lists); empty = MODEL_NAME"
+    )
+    openai_max_choices: int = env(
+        "OPENAI_MAX_CHOICES", 8, doc="most sequences one /v1 request may ask for (prompts x n)"
+    )
+    warmup: bool = env("WARMUP", False, doc="load the model in the background as soon as a worker starts")
+    max_inflight: int = env(
+        "MAX_INFLIGHT_REQUESTS", 0, doc="generating requests one worker admits at once; 0 = GUNICORN_THREADS - 1"
+    )
+    metrics_key: str = env("METRICS_KEY", "", doc="keys that may read /metrics, comma-separated; empty = open")
+    metrics_dir: str = env(
+        "PROMETHEUS_MULTIPROC_DIR", "", doc="where workers keep their metrics; empty = a temporary directory"
+    )
+    log_format: str = env("LOG_FORMAT", "text", doc="text or json (one JSON object per line)")
+    log_prompts: bool = env("LOG_PROMPTS", False, doc="put prompt text in the log (never by default)")
+    trusted_proxy_hops: int = env("TRUSTED_PROXY_HOPS", 0, doc="proxies in front whose X-Forwarded-* to trust")
     engine_mode: str = env(
         "ENGINE_MODE", "batch", doc="batch (continuous batching) or simple (one generate per request: the baseline)"
     )
@@ -103,11 +122,26 @@ class Settings:
         return _keys("API_KEY", self.api_key) + _keys("API_KEYS", self.api_keys)
 
     @property
+    def metrics_keys(self) -> tuple[str, ...]:
+        """The keys that may read /metrics; none means open."""
+        return _keys("METRICS_KEY", self.metrics_key)
+
+    @property
+    def admission_limit(self) -> int:
+        """Generation requests one worker admits at once: always fewer than its threads."""
+        return self.max_inflight or self.threads - 1
+
+    @property
     def threads_per_worker(self) -> int:
         """Torch threads for one worker so that workers x threads fit the cores."""
         if self.torch_threads > 0:
             return self.torch_threads
-        return max(1, (os.cpu_count() or 1) // self.workers)
+        return max(1, available_cpus() // self.workers)  # a container's CPU limit counts, not the host's cores
+
+    @property
+    def served_model(self) -> str:
+        """The model id clients name on /v1."""
+        return self.served_model_name or self.model_name
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -136,6 +170,7 @@ class Settings:
             "MAX_BATCH_SIZE": self.max_batch_size,
             "WEB_CONCURRENCY": self.workers,
             "GUNICORN_THREADS": self.threads,
+            "OPENAI_MAX_CHOICES": self.openai_max_choices,
         }
         for name, value in positive.items():
             if value < 1:
@@ -156,6 +191,21 @@ class Settings:
             raise ConfigError(f"ENGINE_MODE must be batch or simple, got {self.engine_mode!r}")
         if self.log_level.lower() not in {"debug", "info", "warning", "error", "critical"}:
             raise ConfigError(f"LOG_LEVEL must be debug, info, warning or error, got {self.log_level!r}")
+        self._check_operations()
+
+    def _check_operations(self) -> None:
+        """Refuse operations settings that would break the promises made in the README's Operations section."""
+        if self.threads < 2:
+            raise ConfigError(f"GUNICORN_THREADS must be at least 2 (one stays free for /health), got {self.threads}")
+        if not 0 <= self.max_inflight < self.threads:
+            raise ConfigError(
+                f"MAX_INFLIGHT_REQUESTS must be between 1 and GUNICORN_THREADS - 1 ({self.threads - 1}) so that"
+                f" /health always finds a free thread (0 = GUNICORN_THREADS - 1), got {self.max_inflight}"
+            )
+        if self.log_format not in {"text", "json"}:
+            raise ConfigError(f"LOG_FORMAT must be text or json, got {self.log_format!r}")
+        if self.trusted_proxy_hops < 0:
+            raise ConfigError(f"TRUSTED_PROXY_HOPS must not be negative, got {self.trusted_proxy_hops}")
 
 
 def documented() -> list[tuple[str, Any, str]]:

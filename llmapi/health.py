@@ -1,12 +1,16 @@
-"""Liveness: GET /health, open to all, never touching the model."""
+"""Probes: GET /health (liveness) and GET /ready (readiness), open to all, never waiting on the model."""
 
 from __future__ import annotations
 
 from flask_smorest import Blueprint
 
-from llmapi.schemas import HealthSchema
+from llmapi.errors import APIError
+from llmapi.schemas import ErrorSchema, HealthSchema, ReadySchema
+from llmapi.service import engine_service
 
 blp = Blueprint("health", __name__, description="Probes for load balancers and orchestrators.")
+
+READY_RETRY_AFTER_S = 5
 
 
 @blp.route("/health", methods=["GET"])
@@ -14,3 +18,28 @@ blp = Blueprint("health", __name__, description="Probes for load balancers and o
 def health() -> dict[str, str]:
     """Answer 200 while the process serves HTTP (liveness); loads nothing."""
     return {"status": "ok"}
+
+
+@blp.route("/ready", methods=["GET"])
+@blp.response(200, ReadySchema)
+@blp.alt_response(503, schema=ErrorSchema, description="This worker's model is not loaded (the reason says why)")
+def ready() -> dict[str, str]:
+    """Answer 200 when the worker that answers has its model loaded (readiness), else 503 with the reason.
+
+    With WARMUP=true a probe also starts a new load in the background when the last one failed more
+    than MODEL_RETRY_SECONDS ago, so that a fixed model is picked up without any traffic.
+    """
+    service = engine_service()
+    if service.loaded:
+        return {"status": "ready", "model": service.settings.model_name}
+    if service.settings.warmup:
+        service.warm()
+    if service.failure:
+        reason = service.failure
+    elif service.loading:
+        reason = "The model is loading in this worker."
+    elif service.settings.warmup:
+        reason = "The model is about to load in this worker."
+    else:
+        reason = "The model is not loaded yet: this worker loads it on its first generate (or at start with WARMUP)."
+    raise APIError(reason, status=503, headers={"Retry-After": str(READY_RETRY_AFTER_S)})

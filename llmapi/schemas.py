@@ -48,6 +48,27 @@ class StrictBoolean(fields.Boolean):
         return value
 
 
+def is_text(value: str) -> bool:
+    """Whether `value` is Unicode text; JSON escapes can smuggle in lone surrogates, which no tokenizer takes."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+class Text(fields.String):
+    """A string of real Unicode text (no unpaired surrogates)."""
+
+    default_error_messages = {"surrogate": "Must be valid Unicode text (it has an unpaired surrogate)."}
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
+        text = super()._deserialize(value, attr, data, **kwargs)
+        if not is_text(text):
+            raise self.make_error("surrogate")
+        return text
+
+
 class StopField(fields.Field):
     """A stop sequence or a list of them, normalised to a tuple of non-empty strings."""
 
@@ -60,12 +81,14 @@ class StopField(fields.Field):
         items = [value] if isinstance(value, str) else value
         if not isinstance(items, list) or not 0 < len(items) <= MAX_STOP_SEQUENCES:
             raise self.make_error("invalid")
-        if not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in items):
+        if not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS and is_text(s) for s in items):
             raise self.make_error("invalid")
         return tuple(items)
 
     def _jsonschema_type_mapping(self) -> dict[str, Any]:
-        return {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}
+        """The OpenAPI schema of this field (docs.field_attributes reads it)."""
+        text = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}
+        return {"oneOf": [text, {"type": "array", "items": text, "minItems": 1, "maxItems": MAX_STOP_SEQUENCES}]}
 
 
 class UsageSchema(Schema):
@@ -112,6 +135,13 @@ class HealthSchema(Schema):
     status = fields.String(required=True, metadata={"example": "ok"})
 
 
+class ReadySchema(Schema):
+    """The readiness answer."""
+
+    status = fields.String(required=True, metadata={"example": "ready"})
+    model = fields.String(required=True, metadata={"description": "the model this worker has loaded"})
+
+
 @dataclass(frozen=True)
 class Schemas:
     """The request schemas built for one app's limits."""
@@ -125,7 +155,7 @@ def build(settings: Settings) -> Schemas:
     class GenerateRequestSchema(Schema):
         """The body of POST /generate."""
 
-        prompt = fields.String(
+        prompt = Text(
             required=True,
             validate=Length(min=1, max=settings.max_prompt_chars),
             metadata={"example": "Artificial Intelligence is"},
@@ -135,7 +165,11 @@ def build(settings: Settings) -> Schemas:
             validate=Range(min=1, max=settings.max_new_tokens_limit),
             metadata={"example": 40},
         )
-        min_new_tokens = StrictInteger(load_default=0, validate=Range(min=0, max=settings.max_new_tokens_limit))
+        min_new_tokens = StrictInteger(
+            load_default=0,
+            validate=Range(min=0, max=settings.max_new_tokens_limit),
+            metadata={"description": "end-of-sequence is suppressed until this many; must not exceed max_new_tokens"},
+        )
         do_sample = StrictBoolean(
             metadata={"description": "sample instead of greedy; implied by temperature, top_p or top_k"}
         )

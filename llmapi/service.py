@@ -6,13 +6,16 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 from flask import Flask, current_app
 
+from llmapi.admission import Admission, TrackedHandle
 from llmapi.config import Settings
 from llmapi.engine.types import GenerationRequest, GenerationResult, ModelUnavailable
+from llmapi.metrics import Metrics
 
 log = logging.getLogger(__name__)
 EXTENSION = "llmapi.engine"
@@ -32,6 +35,7 @@ class EngineLike(Protocol):
     model_name: str
 
     def submit(self, request: GenerationRequest) -> HandleLike: ...
+    def render_chat(self, messages: Sequence[Mapping[str, str]]) -> str: ...
 
 
 EngineFactory = Callable[[Settings], EngineLike]
@@ -54,9 +58,11 @@ def load_engine(settings: Settings) -> EngineLike:
 class EngineService:
     """Holds this process's engine; the first caller loads it while concurrent callers wait."""
 
-    def __init__(self, settings: Settings, factory: EngineFactory = load_engine) -> None:
+    def __init__(self, settings: Settings, factory: EngineFactory = load_engine, *, metrics: Metrics) -> None:
         self.settings = settings
         self._factory = factory
+        self.metrics = metrics
+        self.admission = Admission(settings.admission_limit, metrics)
         self._engine: EngineLike | None = None
         self._lock = threading.Lock()
         self._failure: ModelUnavailable | None = None
@@ -73,6 +79,11 @@ class EngineService:
         return self._engine is not None
 
     @property
+    def loading(self) -> bool:
+        """Whether a load is under way in this process."""
+        return self._lock.locked() and self._engine is None
+
+    @property
     def failure(self) -> str | None:
         """Why the last load failed, if it did and nothing loaded since."""
         return str(self._failure) if self._failure and not self._engine else None
@@ -87,14 +98,59 @@ class EngineService:
             if self._engine is not None:
                 return self._engine
             # Callers that waited on a failed load share its outcome, and nobody retries too soon.
-            recent = time.monotonic() - self._failed_at < self.settings.model_retry_seconds
-            if self._failure is not None and (self._attempts != seen or recent):
+            if self._failure is not None and (self._attempts != seen or self._retry_pending()):
                 raise self._failure
             return self._load()
 
     def submit(self, request: GenerationRequest) -> HandleLike:
-        """Start a generation on this process's engine (every generation route goes through here)."""
-        return self.get().submit(request)
+        """Start a generation on this process's engine (every generation route goes through here).
+
+        Admission control and metrics live here, so that every route gets them: beyond this worker's
+        limit a request gets a 503 at once (the generations of one request share its place), and the
+        handle records its generation when it ends.
+        """
+        slot = self.admission.admit()
+        try:
+            with self._waiting():
+                engine = self.get()
+            handle = engine.submit(request)
+        except BaseException:
+            slot.release()
+            raise
+        return TrackedHandle(handle, request, slot, self.metrics, log_prompts=self.settings.log_prompts)
+
+    @contextmanager
+    def _waiting(self) -> Iterator[None]:
+        """Count the request as waiting while the model loads (at once when it is loaded)."""
+        if self._engine is not None:
+            yield
+            return
+        self.metrics.waiting.inc()
+        try:
+            yield
+        finally:
+            self.metrics.waiting.dec()
+
+    def warm(self) -> None:
+        """Start loading the model in the background, unless it is loaded, loading or failed too recently."""
+        if self._engine is not None or self._lock.locked() or self._retry_pending():
+            return
+        threading.Thread(target=self._warm, name="llmapi-warmup", daemon=True).start()
+
+    def _warm(self) -> None:
+        """Load the model; a failure is logged by _load and reported by /ready."""
+        try:
+            self.get()
+        except ModelUnavailable:
+            pass
+
+    def _retry_pending(self) -> bool:
+        """Whether the last load failed less than MODEL_RETRY_SECONDS ago."""
+        return self._failure is not None and time.monotonic() - self._failed_at < self.settings.model_retry_seconds
+
+    def render_chat(self, messages: Sequence[Mapping[str, str]]) -> str:
+        """Render chat messages into a prompt with this process's model (loading it if needed)."""
+        return self.get().render_chat(messages)
 
     def _load(self) -> EngineLike:
         """Load the model under the lock, remembering a failure."""
@@ -108,9 +164,12 @@ class EngineService:
             reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
             self._failure = ModelUnavailable(f"The model {name!r} could not be loaded: {reason}")
             log.error("pid=%d model load failed: %s: %s", os.getpid(), type(exc).__name__, reason)
+            self.metrics.observe_load(None)
             raise self._failure from exc
         self._failure = None
-        log.info("pid=%d loaded model %s in %.2fs", os.getpid(), name, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        log.info("pid=%d loaded model %s in %.2fs", os.getpid(), name, seconds)
+        self.metrics.observe_load(seconds)
         return self._engine
 
 

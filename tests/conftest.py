@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ import pytest
 import requests
 
 from llmapi import create_app
+from llmapi.engine.chat import default_template
 from llmapi.engine.types import ContextLengthExceeded, GenerationRequest, GenerationResult
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,6 +72,10 @@ class FakeEngine:
             )
         self.requests.append(request)
         return FakeHandle(request, [" tok"] * request.max_new_tokens)
+
+    def render_chat(self, messages: Sequence[Mapping[str, str]]) -> str:
+        """Render like a model without a chat template."""
+        return default_template(messages)
 
 
 @pytest.fixture

@@ -54,7 +54,7 @@ def test_settings_bad_values_name_the_variable(env, names):
 
 
 def test_threads_per_worker_divides_the_cores(monkeypatch):
-    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    monkeypatch.setattr("llmapi.config.available_cpus", lambda: 8)  # the CPUs this process may use (llmapi/cpus.py)
     assert Settings.from_env({"API_KEY": "k", "WEB_CONCURRENCY": "2"}).threads_per_worker == 4
     assert Settings.from_env({"API_KEY": "k", "WEB_CONCURRENCY": "16"}).threads_per_worker == 1
     assert Settings.from_env({"API_KEY": "k", "TORCH_THREADS": "3"}).threads_per_worker == 3

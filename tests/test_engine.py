@@ -177,3 +177,13 @@ def test_engine_timings_are_reported(engine):
     result = engine.generate(GenerationRequest(prompt=PROMPT, max_new_tokens=4))
     assert 0 <= result.timings["queue_s"] <= result.timings["first_token_s"] <= result.timings["total_s"]
     assert result.timings["total_s"] <= time.monotonic() - start
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 1e-9, 1e-6])
+def test_engine_tiny_temperature_is_greedy_not_nan(engine, temperature):
+    sampled = engine.generate(
+        GenerationRequest(prompt=PROMPT, max_new_tokens=8, do_sample=True, temperature=temperature)
+    )
+    greedy = engine.generate(GenerationRequest(prompt=PROMPT, max_new_tokens=8))
+    assert sampled.finish_reason == "length"
+    assert sampled.text == greedy.text

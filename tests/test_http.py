@@ -324,3 +324,58 @@ def test_concurrent_first_requests_load_once(fake_engine):
         t.join()
     assert statuses == [200] * 6
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"max_new_tokens": 1},
+        {"max_new_tokens": 48, "min_new_tokens": 48},
+        {"temperature": 0},
+        {"temperature": 0.0},
+        {"temperature": 2},
+        {"top_p": 1},
+        {"top_p": 0.01},
+        {"top_k": 0},
+        {"top_k": 50},
+        {"repetition_penalty": 1.3},
+        {"do_sample": True},
+        {"do_sample": False, "temperature": 0.5},
+        {"seed": 0},
+        {"seed": 2**63 - 1},
+        {"stop": "x"},
+        {"stop": ["a", "b", "c", "d"]},
+        {"stop": "é🎉"},
+        {"return_full_text": False},
+        {"timeout_ms": 1},
+        {"timeout_ms": 120_000},
+        {"stream": False},
+    ],
+)
+def test_validation_accepts_good_values(client, auth, extra):
+    response = client.post("/generate", json={"prompt": "hi", **extra}, headers=auth)
+    assert response.status_code == 200, response.get_json()
+
+
+def test_stream_reports_an_engine_failure_in_band(auth, fake_engine):
+    class FailingHandle:
+        def pieces(self):
+            yield " ok"
+            raise EngineError("torch broke")
+
+        def cancel(self):
+            self.cancelled = True
+
+    class Engine:
+        model_name = "x"
+
+        def submit(self, request):
+            return FailingHandle()
+
+    app = create_app({"api_key": KEY}, engine_factory=lambda s: Engine())
+    response = app.test_client().post("/generate", json={"prompt": "hi", "stream": True}, headers=auth)
+    assert response.status_code == 200
+    events = [json.loads(chunk[len("data: ") :]) for chunk in response.get_data(as_text=True).split("\n\n") if chunk]
+    assert events[0] == {"token": {"text": " ok"}}
+    assert events[-1]["error"]["code"] == 500
+    assert "torch" not in events[-1]["error"]["message"]

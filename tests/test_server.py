@@ -50,7 +50,8 @@ def test_server_curl_without_key_is_401(start_server, tiny_model):
 
 
 def test_server_workers_load_lazily_and_once(start_server, tiny_model):
-    server = start_server(MODEL_NAME=tiny_model)
+    # Enough threads that one worker could admit all 24 requests (admission control answers 503 beyond).
+    server = start_server(MODEL_NAME=tiny_model, GUNICORN_THREADS="25")
     workers = server.wait_workers(2)
     assert len(workers) == 2
     assert requests.get(server.url + "/health", timeout=5).json() == {"status": "ok"}
@@ -67,7 +68,7 @@ def test_server_workers_load_lazily_and_once(start_server, tiny_model):
 
 
 def test_server_concurrent_requests_all_succeed(start_server, tiny_model):
-    server = start_server(MODEL_NAME=tiny_model, GUNICORN_THREADS="8")
+    server = start_server(MODEL_NAME=tiny_model, GUNICORN_THREADS="33")  # one worker may admit all 32
     bodies = [{"prompt": f"Request number {i}", "max_new_tokens": 5 + i % 7} for i in range(32)]
     results = run_concurrently(lambda i: server.post("/generate", bodies[i]), len(bodies))
     assert [r.status_code for r in results] == [200] * len(bodies)

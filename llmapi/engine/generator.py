@@ -15,12 +15,13 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
 from llmapi.engine.bytelevel import fast_decoder
+from llmapi.engine.chat import Message, render
 from llmapi.engine.loader import LoadedModel
 from llmapi.engine.sampling import RowControls, choose
 from llmapi.engine.text import IncrementalDecoder, StopMatcher
@@ -152,6 +153,8 @@ class Row:
             self._add_text(self.decoder.flush())
         self.stream()
         self.closed = True
+        if self.finish_reason == "cancelled":
+            log.info("generation cancelled after %d of %d new tokens", self.generated, self.request.max_new_tokens)
         self.timings["total_s"] = now - self.submitted
         self.timings["batch_size"] = self.batched / self.steps if self.steps else 1.0
         result = GenerationResult(
@@ -261,6 +264,11 @@ class Engine:
         """Detokenize `ids`, leaving out special tokens."""
         with self._tokenizer_lock:
             return self.loaded.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def render_chat(self, messages: Sequence[Message]) -> str:
+        """Turn chat messages into the prompt this model expects (its chat template, or the default)."""
+        with self._tokenizer_lock:
+            return render(self.loaded.tokenizer, messages)
 
     def submit(self, request: GenerationRequest) -> Handle:
         """Queue `request` and return its handle; raise ContextLengthExceeded when it cannot fit."""

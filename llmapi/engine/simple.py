@@ -5,11 +5,12 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
+from llmapi.engine.chat import Message, render
 from llmapi.engine.loader import LoadedModel
 from llmapi.engine.text import StopMatcher
 from llmapi.engine.types import ContextLengthExceeded, EngineError, GenerationRequest, GenerationResult
@@ -70,6 +71,11 @@ class SimpleEngine:
         """Detokenize `ids`, leaving out special tokens."""
         with self._tokenizer_lock:
             return self.loaded.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def render_chat(self, messages: Sequence[Message]) -> str:
+        """Turn chat messages into the prompt this model expects (its chat template, or the default)."""
+        with self._tokenizer_lock:
+            return render(self.loaded.tokenizer, messages)
 
     def submit(self, request: GenerationRequest) -> SimpleHandle:
         """Check that `request` fits and return a handle that generates when asked."""

@@ -27,6 +27,9 @@ class ContextLengthExceeded(EngineError):
         )
 
 
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """One sequence to generate, with every decoding control already resolved to a value."""
@@ -47,7 +50,8 @@ class GenerationRequest:
     @property
     def greedy(self) -> bool:
         """Whether the next token is always the most likely one."""
-        return not self.do_sample or self.temperature == 0.0
+        # Sampling tends to greedy as the temperature tends to 0; below this, logits / T overflows float32.
+        return not self.do_sample or self.temperature < GREEDY_BELOW_TEMPERATURE
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,159 @@
+"""Prometheus metrics: GET /metrics, summed over every gunicorn worker through prometheus_client's files."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from flask import Flask, Response, current_app, request
+from flask_smorest import Blueprint
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import values as prometheus_values
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from llmapi.auth import require_key
+from llmapi.config import Settings
+from llmapi.engine.types import GenerationResult
+
+EXTENSION = "llmapi.metrics"
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+blp = Blueprint("metrics", __name__, description="Prometheus metrics, to be scraped from inside the network.")
+
+
+class Metrics:
+    """This process's metric objects; in multiprocess mode their values live in PROMETHEUS_MULTIPROC_DIR."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.directory = settings.metrics_dir
+        if self.directory and not getattr(prometheus_values.ValueClass, "_multiprocess", False):
+            # prometheus_client picks where values live when it is first imported, and the gunicorn master
+            # imported it (through llmapi) before its on_starting hook set the directory: choose again here,
+            # in the worker, before the first metric exists.
+            prometheus_values.ValueClass = prometheus_values.MultiProcessValue()
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._define()
+        self.capacity.set(settings.admission_limit)
+
+    def _define(self) -> None:
+        """Declare every metric (names as Prometheus' conventions ask: unit suffixes, _total for counters)."""
+        reg = {"registry": self.registry, "namespace": "llmapi"}
+        self.requests = Counter("http_requests", "HTTP requests answered", ["method", "route", "status"], **reg)
+        self.latency = Histogram(
+            "http_request_duration_seconds",
+            "time from request to the end of the response (streams included)",
+            ["method", "route"],
+            buckets=LATENCY_BUCKETS,
+            **reg,
+        )
+        live = {"multiprocess_mode": "livesum", **reg}
+        self.in_flight = Gauge("requests_in_flight", "generating requests admitted and not finished", **live)
+        self.waiting = Gauge("requests_waiting", "admitted generations waiting for the model to load", **live)
+        self.capacity = Gauge("admission_capacity", "generating requests the live workers admit at once", **live)
+        self.rejected = Counter("requests_rejected", "generating requests refused", ["reason"], **reg)
+        self.generations = Counter("generations", "generations ended, by finish reason", ["finish_reason"], **reg)
+        self.prompt_tokens = Counter("prompt_tokens", "prompt tokens of finished generations", **reg)
+        self.new_tokens = Counter("generated_tokens", "new tokens generated", **reg)
+        self.first_token = Histogram(
+            "time_to_first_token_seconds", "from submission to the first new token", buckets=LATENCY_BUCKETS, **reg
+        )
+        self.queue_wait = Histogram(
+            "queue_wait_seconds", "from submission to joining a batch", buckets=LATENCY_BUCKETS, **reg
+        )
+        self.generation_time = Histogram(
+            "generation_duration_seconds", "from submission to the last token", buckets=LATENCY_BUCKETS, **reg
+        )
+        self.batch_size = Histogram(
+            "batch_size", "sequences in the batch a request joined", buckets=BATCH_BUCKETS, **reg
+        )
+        self.model_load = Histogram(
+            "model_load_duration_seconds", "successful model loads", buckets=LATENCY_BUCKETS, **reg
+        )
+        self.model_load_failures = Counter("model_load_failures", "failed model loads", **reg)
+        self.models_loaded = Gauge("models_loaded", "workers with their model loaded", **live)
+
+    def init_app(self, app: Flask) -> None:
+        """Count every request, a stream when its response is closed, so that it is timed to its end."""
+        app.extensions[EXTENSION] = self
+        app.before_request(_start_timer)
+        app.after_request(self._observe)
+
+    def _observe(self, response: Response) -> Response:
+        """after_request: record route, status and latency (of a stream: when it has been sent to the end)."""
+        started = request.environ.get("llmapi.started", time.perf_counter())
+        method = request.method if request.method in METHODS else "OTHER"
+        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        status = str(response.status_code)
+
+        def observe() -> None:
+            self.requests.labels(method, route, status).inc()
+            self.latency.labels(method, route).observe(time.perf_counter() - started)
+
+        if response.is_streamed:
+            response.call_on_close(observe)
+        else:
+            observe()
+        return response
+
+    def observe_result(self, result: GenerationResult) -> None:
+        """Record a finished generation: its tokens and the engine's timings."""
+        self.generations.labels(result.finish_reason).inc()
+        self.prompt_tokens.inc(result.prompt_tokens)
+        self.new_tokens.inc(result.completion_tokens)
+        timings = result.timings
+        for name, histogram in (
+            ("first_token_s", self.first_token),
+            ("queue_s", self.queue_wait),
+            ("total_s", self.generation_time),
+            ("batch_size", self.batch_size),
+        ):
+            if name in timings:
+                histogram.observe(timings[name])
+
+    def observe_load(self, seconds: float | None) -> None:
+        """Record a model load: its duration, or None when it failed."""
+        if seconds is None:
+            self.model_load_failures.inc()
+        else:
+            self.model_load.observe(seconds)
+            self.models_loaded.set(1)
+
+    def render(self) -> bytes:
+        """The text exposition of every worker's metrics (or of this process's alone, outside gunicorn)."""
+        if not self.directory:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=self.directory)
+        return generate_latest(registry)
+
+
+def _start_timer() -> None:
+    """before_request: note when the request started."""
+    request.environ["llmapi.started"] = time.perf_counter()
+
+
+def metrics() -> Metrics:
+    """The current app's metrics."""
+    return current_app.extensions[EXTENSION]
+
+
+@blp.route("/metrics", methods=["GET"])
+@blp.doc(
+    security=[],
+    responses={
+        "200": {
+            "description": "Prometheus text format, summed over every worker of this instance.",
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+        }
+    },
+)
+def get_metrics() -> Any:
+    """Every worker's metrics in the Prometheus text format (open unless METRICS_KEY is set)."""
+    current = metrics()
+    if current.settings.metrics_keys:
+        require_key(tuple(key.encode("utf-8") for key in current.settings.metrics_keys))
+    return Response(current.render(), content_type=CONTENT_TYPE_PLAIN_0_0_4)

@@ -1,0 +1,351 @@
+"""Marshmallow schemas of the OpenAI-compatible API (/v1): requests with our limits, responses in OpenAI's form."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from marshmallow import Schema, ValidationError, fields, post_load, pre_load, validates_schema
+from marshmallow.validate import Length, OneOf, Range
+
+from llmapi.config import Settings
+from llmapi.engine.chat import ROLES
+from llmapi.schemas import (
+    MAX_SEED,
+    StopField,
+    StrictBoolean,
+    StrictFloat,
+    StrictInteger,
+    UsageSchema,
+    is_text,
+)
+
+MAX_MESSAGES = 256
+MAX_MODEL_CHARS = 256
+MAX_USER_CHARS = 256
+MAX_TEMPERATURE = 2.0  # OpenAI's range
+# One Server-Sent Event of a /v1 stream (before OpenAPI 3.2, a stream's schema describes each event).
+CHUNK_EVENT_SCHEMA = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {
+            "type": "string",
+            "description": "JSON: a chunk (or an error object), or `[DONE]` at the end",
+        }
+    },
+    "description": 'Server-Sent Events, answered when the request has `"stream": true`',
+}
+
+
+def same(value: Any, neutral: Any) -> bool:
+    """Compare JSON values as JSON does: 0 and 0.0 are equal, but true is not 1."""
+    numbers = (int, float)
+    if isinstance(value, numbers) and isinstance(neutral, numbers) and bool not in (type(value), type(neutral)):
+        return value == neutral
+    return type(value) is type(neutral) and value == neutral
+
+
+class OpenAIStopField(StopField):
+    """Like /generate's stop, and an empty list means no stop sequence (as OpenAI's clients may send)."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> tuple[str, ...]:
+        if value == []:
+            return ()
+        return super()._deserialize(value, attr, data, **kwargs)
+
+    def _jsonschema_type_mapping(self) -> dict[str, Any]:
+        """The OpenAPI schema of this field: /generate's, with the empty list allowed."""
+        schema = super()._jsonschema_type_mapping()
+        return {"oneOf": [schema["oneOf"][0], {**schema["oneOf"][1], "minItems": 0}]}
+
+
+class PromptField(fields.Field):
+    """A prompt, or a list of prompts, normalised to a tuple of non-empty strings."""
+
+    def __init__(self, *, max_chars: int, max_items: int, **kwargs: Any) -> None:
+        text = {"type": "string", "minLength": 1, "maxLength": max_chars}
+        many = {"type": "array", "items": text, "minItems": 1, "maxItems": max_items}
+        super().__init__(metadata={"oneOf": [text, many], **kwargs.pop("metadata", {})}, **kwargs)
+        self.max_chars = max_chars
+        self.max_items = max_items
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> tuple[str, ...]:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not 0 < len(items) <= self.max_items:
+            raise ValidationError(
+                f"Must be a string or a list of 1 to {self.max_items} strings (token ids are not accepted)."
+            )
+        if not all(isinstance(item, str) and 0 < len(item) <= self.max_chars for item in items):
+            raise ValidationError(f"Every prompt must be a string of 1 to {self.max_chars} characters.")
+        if not all(is_text(item) for item in items):
+            raise ValidationError("Must be valid Unicode text (it has an unpaired surrogate).")
+        return tuple(items)
+
+
+class ContentField(fields.Field):
+    """A message's content: a string, or a list of text parts joined with newlines."""
+
+    def __init__(self, *, max_chars: int, **kwargs: Any) -> None:
+        text = {"type": "string", "maxLength": max_chars}
+        part = {
+            "type": "object",
+            "required": ["type", "text"],
+            "properties": {"type": {"type": "string", "enum": ["text"]}, "text": text},
+            "additionalProperties": False,
+        }
+        super().__init__(metadata={"oneOf": [text, {"type": "array", "items": part}]}, **kwargs)
+        self.max_chars = max_chars
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
+        if isinstance(value, list):
+            value = "\n".join(self._part_text(part) for part in value)
+        if not isinstance(value, str):
+            raise ValidationError("Must be a string or a list of text parts.")
+        if len(value) > self.max_chars:
+            raise ValidationError(f"Longer than {self.max_chars} characters.")
+        if not is_text(value):
+            raise ValidationError("Must be valid Unicode text (it has an unpaired surrogate).")
+        return value
+
+    @staticmethod
+    def _part_text(part: Any) -> str:
+        """Return the text of one {"type": "text", "text": ...} part; other kinds (images, audio) are refused."""
+        if not isinstance(part, dict) or part.get("type") != "text" or set(part) != {"type", "text"}:
+            raise ValidationError('Only text content parts ({"type": "text", "text": "..."}) are supported.')
+        if not isinstance(part["text"], str):
+            raise ValidationError("A text part's text must be a string.")
+        return part["text"]
+
+
+class Unsupported(fields.Field):
+    """An OpenAI parameter this server does not implement: accepted only with a value that asks for nothing."""
+
+    def __init__(self, *neutral: Any, **kwargs: Any) -> None:
+        allowed = " or ".join(["null", *(json.dumps(value) for value in neutral)])
+        self.hint = f"Not supported by this server; leave it out (accepted: {allowed})."
+        metadata = {"description": self.hint, "enum": [None, *neutral]}
+        super().__init__(allow_none=True, metadata=metadata, **kwargs)
+        self.neutral = neutral
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        if not any(same(value, ok) for ok in self.neutral):
+            raise ValidationError(self.hint)
+        return value
+
+
+class StreamOptionsSchema(Schema):
+    """stream_options: what a stream carries besides the text."""
+
+    include_usage = StrictBoolean(
+        allow_none=True, metadata={"description": "send a last chunk with usage (and empty choices)"}
+    )
+    include_obfuscation = Unsupported(False)
+
+
+class MessageSchema(Schema):
+    """One chat message."""
+
+    role = fields.String(required=True, validate=OneOf(ROLES, error="Must be one of: system, user, assistant."))
+    content = fields.Raw(required=True)  # replaced per app by a ContentField with the configured limit
+
+
+class ModelSchema(Schema):
+    """One model served."""
+
+    id = fields.String(required=True)
+    object = fields.String(required=True, metadata={"example": "model"})
+    created = fields.Integer(required=True)
+    owned_by = fields.String(required=True)
+
+
+class ModelListSchema(Schema):
+    """GET /v1/models."""
+
+    object = fields.String(required=True, metadata={"example": "list"})
+    data = fields.List(fields.Nested(ModelSchema), required=True)
+
+
+class CompletionChoiceSchema(Schema):
+    """One completion."""
+
+    index = fields.Integer(required=True, metadata={"description": "prompt index x n + choice index"})
+    text = fields.String(required=True)
+    logprobs = fields.Raw(allow_none=True, metadata={"description": "always null (not supported)"})
+    finish_reason = fields.String(required=True, metadata={"description": "stop, length or timeout"})
+
+
+class ResponseHeadSchema(Schema):
+    """What every /v1 completion body carries besides its choices."""
+
+    id = fields.String(required=True, metadata={"example": "cmpl-8f2c..."})
+    object = fields.String(required=True, metadata={"example": "text_completion"})
+    created = fields.Integer(required=True, metadata={"description": "Unix time"})
+    model = fields.String(required=True)
+    choices = fields.List(fields.Dict(), required=True)  # each kind declares its own; declared here for the order
+    usage = fields.Nested(UsageSchema, required=True, metadata={"description": "each prompt once, every choice"})
+
+
+class CompletionResponseSchema(ResponseHeadSchema):
+    """POST /v1/completions."""
+
+    choices = fields.List(fields.Nested(CompletionChoiceSchema), required=True)
+
+
+class ChatMessageOutSchema(Schema):
+    """The assistant's reply."""
+
+    role = fields.String(required=True, metadata={"example": "assistant"})
+    content = fields.String(required=True)
+
+
+class ChatChoiceSchema(Schema):
+    """One chat completion."""
+
+    index = fields.Integer(required=True)
+    message = fields.Nested(ChatMessageOutSchema, required=True)
+    logprobs = fields.Raw(allow_none=True, metadata={"description": "always null (not supported)"})
+    finish_reason = fields.String(required=True, metadata={"description": "stop, length or timeout"})
+
+
+class ChatCompletionResponseSchema(ResponseHeadSchema):
+    """POST /v1/chat/completions: `id` chatcmpl-..., `object` chat.completion."""
+
+    choices = fields.List(fields.Nested(ChatChoiceSchema), required=True)
+
+
+@dataclass(frozen=True)
+class OpenAISchemas:
+    """The /v1 request schemas built for one app's limits."""
+
+    completion: type[Schema]
+    chat: type[Schema]
+
+
+def build(settings: Settings) -> OpenAISchemas:
+    """Make the /v1 request schemas with the limits in `settings` baked in (so the OpenAPI spec shows them)."""
+    limit, choices = settings.max_new_tokens_limit, settings.openai_max_choices
+
+    class SamplingSchema(Schema):
+        """The parameters /v1/completions and /v1/chat/completions share."""
+
+        model = fields.String(
+            allow_none=True,
+            validate=Length(min=1, max=MAX_MODEL_CHARS),
+            metadata={"description": "the id /v1/models lists; optional", "example": settings.served_model},
+        )
+        max_tokens = StrictInteger(
+            allow_none=True,
+            load_default=settings.max_new_tokens_default,
+            validate=Range(min=1, max=limit),
+            metadata={"example": min(16, limit)},
+        )
+        temperature = StrictFloat(
+            allow_none=True,
+            load_default=1.0,
+            validate=Range(min=0, max=MAX_TEMPERATURE),
+            metadata={"description": "0 = greedy"},
+        )
+        top_p = StrictFloat(allow_none=True, load_default=1.0, validate=Range(min=0, max=1, min_inclusive=False))
+        n = StrictInteger(
+            allow_none=True,
+            load_default=1,
+            validate=Range(min=1, max=choices),
+            metadata={"description": f"choices per prompt; prompts x n at most {choices}"},
+        )
+        stop = OpenAIStopField(allow_none=True)
+        seed = StrictInteger(
+            allow_none=True,
+            validate=Range(min=0, max=MAX_SEED),
+            metadata={"description": "choice i of each prompt samples with seed + i"},
+        )
+        stream = StrictBoolean(allow_none=True, load_default=False)
+        stream_options = fields.Nested(
+            StreamOptionsSchema,
+            allow_none=True,
+            metadata={"description": "no effect without stream: bodies carry usage"},
+        )
+        user = fields.String(
+            allow_none=True, validate=Length(max=MAX_USER_CHARS), metadata={"description": "accepted, not used"}
+        )
+        presence_penalty = Unsupported(0)
+        frequency_penalty = Unsupported(0)
+        logit_bias = Unsupported({})
+
+        @pre_load
+        def _null_is_absent(self, data: Any, **kwargs: Any) -> Any:
+            # OpenAI's API treats an optional parameter sent as null as not sent; so do we.
+            if not isinstance(data, dict):
+                return data
+            return {key: value for key, value in data.items() if value is not None or key in ("prompt", "messages")}
+
+    class CompletionRequestSchema(SamplingSchema):
+        """The body of POST /v1/completions."""
+
+        prompt = PromptField(
+            required=True,
+            max_chars=settings.max_prompt_chars,
+            max_items=choices,
+            metadata={"example": "Artificial Intelligence is"},
+        )
+        echo = StrictBoolean(load_default=False, allow_none=True, metadata={"description": "prepend the prompt"})
+        best_of = Unsupported(1)  # no server-side ranking of candidates
+        suffix = Unsupported("")
+        logprobs = Unsupported()
+
+        @validates_schema
+        def _choices_fit(self, data: dict[str, Any], **kwargs: Any) -> None:
+            if len(data.get("prompt", ())) * data.get("n", 1) > choices:
+                raise ValidationError(f"prompts x n must be at most {choices}.", "n")
+
+    class ChatMessageSchema(MessageSchema):
+        """One chat message, its content limited like a prompt."""
+
+        content = ContentField(required=True, max_chars=settings.max_prompt_chars)
+
+    class ChatCompletionRequestSchema(SamplingSchema):
+        """The body of POST /v1/chat/completions."""
+
+        messages = fields.List(
+            fields.Nested(ChatMessageSchema),
+            required=True,
+            validate=Length(min=1, max=MAX_MESSAGES),
+            metadata={"example": [{"role": "user", "content": "Say hello."}]},
+        )
+        max_completion_tokens = StrictInteger(
+            allow_none=True,
+            validate=Range(min=1, max=limit),
+            metadata={"description": "max_tokens under its newer name; wins when both are sent"},
+        )
+        logprobs = Unsupported(False)
+        top_logprobs = Unsupported(0)
+        tools = Unsupported([])
+        tool_choice = Unsupported("none")
+        parallel_tool_calls = Unsupported(True, False)  # says how to call tools; there are none to call
+        functions = Unsupported([])
+        function_call = Unsupported("none")
+        response_format = Unsupported({"type": "text"})
+        modalities = Unsupported(["text"])
+        audio = Unsupported()
+        prediction = Unsupported()
+        reasoning_effort = Unsupported()
+        web_search_options = Unsupported()
+        store = Unsupported(False)
+        metadata = Unsupported({})
+        service_tier = Unsupported("auto", "default")
+
+        @validates_schema
+        def _messages_fit(self, data: dict[str, Any], **kwargs: Any) -> None:
+            if sum(len(message["content"]) for message in data.get("messages", ())) > settings.max_prompt_chars:
+                raise ValidationError(
+                    f"The contents together exceed {settings.max_prompt_chars} characters.", "messages"
+                )
+
+        @post_load
+        def _newer_name_wins(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+            if "max_completion_tokens" in data:
+                data["max_tokens"] = data.pop("max_completion_tokens")
+            return data
+
+    return OpenAISchemas(completion=CompletionRequestSchema, chat=ChatCompletionRequestSchema)

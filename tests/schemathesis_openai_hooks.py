@@ -1,0 +1,58 @@
+"""schemathesis hooks for /v1: the request rules of the OpenAI routes that JSON Schema cannot state.
+
+Imported by the schemathesis hooks module (SCHEMATHESIS_HOOKS) so that its positive cases obey them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import schemathesis
+
+from llmapi.engine.chat import default_template
+
+# The fuzzed server's model (the tiny GPT-2) attends over 1024 positions; a byte-level BPE token is at least
+# one byte, so a rendered chat prompt of B UTF-8 bytes is at most B tokens.
+CONTEXT_TOKENS = 1024
+
+
+def _schema(case: schemathesis.Case, name: str) -> dict[str, Any]:
+    """Schema `name` of the spec the case was generated from (its limits are the server's)."""
+    return case.operation.schema.raw_schema["components"]["schemas"][name]
+
+
+def completion_fits(case: schemathesis.Case, body: dict[str, Any]) -> bool:
+    """prompts x n within the n maximum (OPENAI_MAX_CHOICES)."""
+    prompts = body.get("prompt")
+    count = len(prompts) if isinstance(prompts, list) else 1
+    return count * (body.get("n") or 1) <= _schema(case, "CompletionRequest")["properties"]["n"]["maximum"]
+
+
+def _text(content: Any) -> str:
+    """A message's content as the server reads it: a string, or its text parts joined with newlines."""
+    return content if isinstance(content, str) else "\n".join(part["text"] for part in content)
+
+
+def chat_fits(case: schemathesis.Case, body: dict[str, Any]) -> bool:
+    """All contents within MAX_PROMPT_CHARS together, and the rendered prompt plus max_tokens within the context."""
+    request = _schema(case, "ChatCompletionRequest")["properties"]
+    message = _schema(case, request["messages"]["items"]["$ref"].rsplit("/", 1)[-1])["properties"]
+    messages = [{"role": m["role"], "content": _text(m["content"])} for m in body["messages"]]
+    if sum(len(m["content"]) for m in messages) > message["content"]["oneOf"][0]["maxLength"]:
+        return False
+    new_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or request["max_tokens"]["default"]
+    return len(default_template(messages).encode("utf-8")) + new_tokens <= CONTEXT_TOKENS
+
+
+@schemathesis.hook
+def filter_case(context: schemathesis.HookContext, case: schemathesis.Case) -> bool:
+    """Drop positive /v1 cases that break a rule the spec can state only in words."""
+    body = case.body
+    positive = case.meta is None or case.meta.generation.mode.is_positive
+    if not positive or not isinstance(body, dict):
+        return True
+    if case.path == "/v1/completions":
+        return completion_fits(case, body)
+    if case.path == "/v1/chat/completions":
+        return chat_fits(case, body)
+    return True
