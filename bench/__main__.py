@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -86,6 +87,12 @@ def wait_for_quiet(limit_s: float, *, idle_below: float = 0.25) -> float:
         time.sleep(2.0)
 
 
+def children_cpu() -> float:
+    """CPU seconds used so far by this process's finished children."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_python(module: str, *args: str, timeout: float = 1800) -> dict[str, Any]:
     """Run `python -m module args` in a fresh process and parse the JSON it prints last."""
     out = subprocess.run(
@@ -104,7 +111,11 @@ def limits(models: dict[str, str], *, quick: bool, new_tokens: int) -> dict[str,
             wait_for_quiet(QUIET_WAIT_S)
             print(f"limits: {size}, {threads} torch thread(s) ...", file=sys.stderr)
             args = ["--model", path, "--threads", str(threads), "--new-tokens", str(new_tokens)]
-            figures[f"{size}/threads{threads}"] = run_python("bench.limits", *args, *(["--quick"] if quick else []))
+            own0, (busy0, _), wall0 = children_cpu(), busy_cores(), time.perf_counter()
+            result = run_python("bench.limits", *args, *(["--quick"] if quick else []))
+            wall = time.perf_counter() - wall0
+            result["other_cores"] = max(0.0, (busy_cores()[0] - busy0 - (children_cpu() - own0)) / wall)
+            figures[f"{size}/threads{threads}"] = result
     return figures
 
 
@@ -149,10 +160,13 @@ def serve(path: str, size: str, mode: str, env: dict[str, str], plan: list[tuple
         figures.update(warm(server, plan[0][1], workers))
         figures["memory_after_load"] = server.memory()
         loads = {}
+        memory = []
         for name, body, clients in plan:
             print(f"  {name}, {clients} clients", file=sys.stderr)
             loads[f"{name}/{clients}"] = load_run(server, body, clients, WINDOWS[(size, quick)])
+            memory.append(server.memory()["pss_mib"])
         figures["loads"] = loads
+        figures["pss_mib_after_each_load"] = memory
         figures["memory_after_run"] = server.memory()
         return figures
     finally:
@@ -217,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         return finish(results, args.out, report.render_sweep(results))
     if not args.no_limits:
         results["limits"] = limits(models, quick=args.quick, new_tokens=args.new_tokens)
+        results["http_cost_us"] = run_python("bench.http_cost", "--model", next(iter(models.values())))
     payloads = bodies(args.new_tokens)
     plan = [(name, payloads[name], n) for name in ("greedy", "sampled") for n in clients]
     plan.append(("seeded", payloads["seeded"], 8))

@@ -51,10 +51,10 @@ def limits_table(results: dict[str, Any]) -> str:
             rows.append(
                 [size, threads.removeprefix("threads") + " thr", batch, f["floor"], f["floor_torch_argmax"],
                  f["generate_greedy"], f["generate_sampled"], f["engine_greedy"], f["engine_sampled"],
-                 f["generate_greedy_s"] * 1000]
+                 f["generate_greedy_s"] * 1000, figures.get("other_cores")]
             )  # fmt: skip
     header = ["model", "torch", "batch", "floor", "floor(torch argmax)", "generate greedy", "generate sampled",
-              "engine greedy", "engine sampled", "generate ms"]  # fmt: skip
+              "engine greedy", "engine sampled", "generate ms", "other procs"]  # fmt: skip
     return table(header, rows)
 
 
@@ -82,10 +82,11 @@ def startup_table(results: dict[str, Any]) -> str:
         size, mode = key.split("/")
         rows.append(
             [size, mode, f["health_s"], f["model_load_s"], f["first_generate_s"], f["memory_after_load"]["pss_mib"],
-             f["memory_after_run"]["pss_mib"], f["memory_after_load"]["rss_mib"], f["memory_after_run"]["rss_mib"]]
+             " ".join(f"{m:.0f}" for m in f.get("pss_mib_after_each_load", [])), f["memory_after_load"]["rss_mib"],
+             f["memory_after_run"]["rss_mib"]]
         )  # fmt: skip
-    header = ["model", "mode", "/health s", "model load s", "first generate s", "PSS MiB loaded", "PSS MiB after",
-              "RSS MiB loaded", "RSS MiB after"]  # fmt: skip
+    header = ["model", "mode", "/health s", "model load s", "first generate s", "PSS MiB loaded",
+              "PSS MiB after each load run", "RSS MiB loaded", "RSS MiB after"]  # fmt: skip
     return table(header, rows)
 
 
@@ -173,6 +174,10 @@ def render(results: dict[str, Any]) -> str:
     parts = [head]
     if results.get("limits"):
         parts += ["In-process limits, new tokens/s (no HTTP):", limits_table(results)]
+    if results.get("http_cost_us"):
+        rows = [[name, value] for name, value in results["http_cost_us"].items()]
+        parts += ["HTTP side, CPU us per request (one process, an engine that answers at once):",
+                  table(["part", "us"], rows)]  # fmt: skip
     parts += [
         "Server under closed-loop load (real gunicorn, gunicorn.conf.py defaults):",
         server_table(results),
