@@ -12,7 +12,8 @@ SEEDED = {"prompt": "Artificial Intelligence is", "max_new_tokens": 20, "tempera
 
 
 def test_server_seeded_requests_repeat_under_concurrent_load(start_server, tiny_model):
-    server = start_server(MODEL_NAME=tiny_model, WEB_CONCURRENCY="2", GUNICORN_THREADS="8")
+    # Threads enough that one worker admits all 18 even if the kernel hands it every connection.
+    server = start_server(MODEL_NAME=tiny_model, WEB_CONCURRENCY="2", GUNICORN_THREADS="20")
     alone = server.post("/generate", SEEDED).json()["generated_text"]
     bodies = [SEEDED if i % 3 == 0 else {"prompt": f"Busy {i}", "max_new_tokens": 5 + i, "temperature": 1.0}
               for i in range(18)]  # fmt: skip
@@ -23,7 +24,7 @@ def test_server_seeded_requests_repeat_under_concurrent_load(start_server, tiny_
 
 
 def test_server_baseline_mode_serves_generate(start_server, tiny_model):
-    server = start_server(MODEL_NAME=tiny_model, ENGINE_MODE="simple", WEB_CONCURRENCY="1")
+    server = start_server(MODEL_NAME=tiny_model, ENGINE_MODE="simple", WEB_CONCURRENCY="1", GUNICORN_THREADS="8")
     batch = start_server(MODEL_NAME=tiny_model, WEB_CONCURRENCY="1")
     body = {"prompt": "Hello there", "max_new_tokens": 12}
     responses = run_concurrently(lambda i: server.post("/generate", body), 4)
