@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -91,6 +93,10 @@ def measure(model: str | None, count: int) -> dict[str, float]:
     from llmapi.schemas import GenerateResponseSchema, build
 
     app = create_app({"api_key": KEY}, engine_factory=lambda settings: InstantEngine())
+    quiet = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
+    for handler in logging.getLogger("llmapi").handlers:  # each request's log line is formatted, then dropped
+        if isinstance(handler, logging.StreamHandler):
+            handler.setStream(quiet)
     body = json.dumps(BODY).encode()
     schema_class = build(app.config["LLMAPI_SETTINGS"]).generate
     schema = schema_class()

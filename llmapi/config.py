@@ -92,7 +92,7 @@ class Settings:
     max_batch_size: int = env("MAX_BATCH_SIZE", 8, doc="most sequences decoded together in one worker")
     batch_wait_ms: float = env("BATCH_WAIT_MS", 2.0, doc="how long a new batch waits for company")
     workers: int = env("WEB_CONCURRENCY", 2, doc="gunicorn worker processes, each with its own model")
-    threads: int = env("GUNICORN_THREADS", 16, doc="gunicorn threads per worker (concurrent requests)")
+    threads: int = env("GUNICORN_THREADS", 32, doc="gunicorn threads per worker (concurrent requests)")
     bind: str = env("BIND", "0.0.0.0:8000", doc="address gunicorn listens on")
     log_level: str = env("LOG_LEVEL", "info", doc="debug, info, warning or error")
     served_model_name: str = env(
