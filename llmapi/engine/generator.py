@@ -15,17 +15,17 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from llmapi.engine.bytelevel import fast_decoder
-from llmapi.engine.chat import Message, render
+from llmapi.engine.front import ModelFront
 from llmapi.engine.loader import LoadedModel
 from llmapi.engine.sampling import RowControls, choose
 from llmapi.engine.text import IncrementalDecoder, StopMatcher
-from llmapi.engine.types import ContextLengthExceeded, EngineError, GenerationRequest, GenerationResult
+from llmapi.engine.types import EngineError, GenerationRequest, GenerationResult
 
 log = logging.getLogger(__name__)
 
@@ -223,14 +223,13 @@ def mergeable(cache: Any) -> bool:
     return bool(layers) and all(type(layer).__name__ == "DynamicLayer" for layer in layers)
 
 
-class Engine:
+class Engine(ModelFront):
     """Owns one model copy; requests are queued and decoded in lanes by one background thread."""
 
     def __init__(self, loaded: LoadedModel, *, max_batch_size: int = 8, batch_wait_ms: float = 2.0) -> None:
-        self.loaded = loaded
+        super().__init__(loaded)
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_ms / 1000.0
-        self._tokenizer_lock = threading.Lock()
         self._piece_decode = fast_decoder(loaded.tokenizer, self.decode)
         self._eos_list = sorted(loaded.eos_ids)
         # With SDPA attention a decode step's mask is just "may row r see key k": built here as a view instead of
@@ -245,41 +244,10 @@ class Engine:
         # A daemon thread still inside a torch op while the interpreter finalizes aborts the process.
         atexit.register(self.close)
 
-    @property
-    def model_name(self) -> str:
-        """The name the model was loaded by."""
-        return self.loaded.name
-
-    @property
-    def context_length(self) -> int:
-        """How many tokens (prompt plus new) fit the model."""
-        return self.loaded.context_length
-
-    def encode(self, text: str) -> list[int]:
-        """Tokenize `text` as the model will see it."""
-        with self._tokenizer_lock:
-            return self.loaded.tokenizer.encode(text)
-
-    def decode(self, ids: list[int]) -> str:
-        """Detokenize `ids`, leaving out special tokens."""
-        with self._tokenizer_lock:
-            return self.loaded.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
-    def render_chat(self, messages: Sequence[Message]) -> str:
-        """Turn chat messages into the prompt this model expects (its chat template, or the default)."""
-        with self._tokenizer_lock:
-            return render(self.loaded.tokenizer, messages)
-
     def submit(self, request: GenerationRequest) -> Handle:
         """Queue `request` and return its handle; raise ContextLengthExceeded when it cannot fit."""
         submitted = time.monotonic()
-        prompt_ids = self.encode(request.prompt)
-        if len(prompt_ids) + request.max_new_tokens > self.context_length:
-            raise ContextLengthExceeded(
-                prompt_tokens=len(prompt_ids),
-                max_new_tokens=request.max_new_tokens,
-                context_length=self.context_length,
-            )
+        prompt_ids = self.prompt_ids(request)
         handle = Handle(request)
         row = Row(handle, prompt_ids, IncrementalDecoder(self._piece_decode), submitted)
         with self._wakeup:
@@ -288,10 +256,6 @@ class Engine:
             self._pending.append(row)
             self._wakeup.notify()
         return handle
-
-    def generate(self, request: GenerationRequest) -> GenerationResult:
-        """Generate and wait for the whole result."""
-        return self.submit(request).result()
 
     def close(self) -> None:
         """Stop the decoding thread after its current step; requests still queued or decoding get an error."""

@@ -5,15 +5,15 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from llmapi.engine.chat import Message, render
+from llmapi.engine.front import ModelFront
 from llmapi.engine.loader import LoadedModel
 from llmapi.engine.text import StopMatcher
-from llmapi.engine.types import ContextLengthExceeded, EngineError, GenerationRequest, GenerationResult
+from llmapi.engine.types import EngineError, GenerationRequest, GenerationResult
 
 
 class SimpleHandle:
@@ -43,55 +43,19 @@ class SimpleHandle:
         """Nothing to stop: the generation runs to its end (or its deadline) in the caller's thread."""
 
 
-class SimpleEngine:
+class SimpleEngine(ModelFront):
     """transformers' `generate`, one request at a time per process: what a server without batching does."""
 
     def __init__(self, loaded: LoadedModel) -> None:
-        self.loaded = loaded
+        super().__init__(loaded)
         # One generation at a time: the global RNG that seeds sampling, and the torch threads, are per process.
         self._lock = threading.Lock()
-        self._tokenizer_lock = threading.Lock()
-
-    @property
-    def model_name(self) -> str:
-        """The name the model was loaded by."""
-        return self.loaded.name
-
-    @property
-    def context_length(self) -> int:
-        """How many tokens (prompt plus new) fit the model."""
-        return self.loaded.context_length
-
-    def encode(self, text: str) -> list[int]:
-        """Tokenize `text` as the model will see it."""
-        with self._tokenizer_lock:
-            return self.loaded.tokenizer.encode(text)
-
-    def decode(self, ids: list[int]) -> str:
-        """Detokenize `ids`, leaving out special tokens."""
-        with self._tokenizer_lock:
-            return self.loaded.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
-    def render_chat(self, messages: Sequence[Message]) -> str:
-        """Turn chat messages into the prompt this model expects (its chat template, or the default)."""
-        with self._tokenizer_lock:
-            return render(self.loaded.tokenizer, messages)
 
     def submit(self, request: GenerationRequest) -> SimpleHandle:
         """Check that `request` fits and return a handle that generates when asked."""
         submitted = time.monotonic()
-        prompt_ids = self.encode(request.prompt)
-        if len(prompt_ids) + request.max_new_tokens > self.context_length:
-            raise ContextLengthExceeded(
-                prompt_tokens=len(prompt_ids),
-                max_new_tokens=request.max_new_tokens,
-                context_length=self.context_length,
-            )
+        prompt_ids = self.prompt_ids(request)
         return SimpleHandle(self, request, prompt_ids, submitted)
-
-    def generate(self, request: GenerationRequest) -> GenerationResult:
-        """Generate and wait for the whole result."""
-        return self.submit(request).result()
 
     def run(self, request: GenerationRequest, prompt_ids: list[int], submitted: float) -> GenerationResult:
         """Call `model.generate` for one request and turn its output into a result."""

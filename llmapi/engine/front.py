@@ -1,0 +1,62 @@
+"""What every engine shares: the loaded model's facts and its tokenizer, used under one lock."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from llmapi.engine.chat import Message, render
+from llmapi.engine.loader import LoadedModel
+from llmapi.engine.types import ContextLengthExceeded, GenerationRequest, GenerationResult
+
+
+class ModelFront:
+    """Tokenizing, chat rendering and the context check, the same whichever way an engine decodes."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+        # A fast tokenizer shared by request threads and the decoding thread must not be entered twice at once.
+        self._tokenizer_lock = threading.Lock()
+
+    @property
+    def model_name(self) -> str:
+        """The name the model was loaded by."""
+        return self.loaded.name
+
+    @property
+    def context_length(self) -> int:
+        """How many tokens (prompt plus new) fit the model."""
+        return self.loaded.context_length
+
+    def encode(self, text: str) -> list[int]:
+        """Tokenize `text` as the model will see it."""
+        with self._tokenizer_lock:
+            return self.loaded.tokenizer.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        """Detokenize `ids`, leaving out special tokens."""
+        with self._tokenizer_lock:
+            return self.loaded.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def render_chat(self, messages: Sequence[Message]) -> str:
+        """Turn chat messages into the prompt this model expects (its chat template, or the default)."""
+        with self._tokenizer_lock:
+            return render(self.loaded.tokenizer, messages)
+
+    def prompt_ids(self, request: GenerationRequest) -> list[int]:
+        """Tokenize the prompt; raise ContextLengthExceeded when it and the new tokens cannot fit."""
+        ids = self.encode(request.prompt)
+        if len(ids) + request.max_new_tokens > self.context_length:
+            raise ContextLengthExceeded(
+                prompt_tokens=len(ids), max_new_tokens=request.max_new_tokens, context_length=self.context_length
+            )
+        return ids
+
+    def submit(self, request: GenerationRequest) -> Any:
+        """Start generating `request` (each engine decodes its own way)."""
+        raise NotImplementedError
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        """Generate and wait for the whole result."""
+        return self.submit(request).result()
