@@ -83,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--env", action="append", default=[], help="extra server setting NAME=VALUE")
     args = parser.parse_args(argv)
-    if not shutil.which("py-spy"):
+    # The venv's scripts need not be on PATH (`.venv/bin/python -m bench.profile`).
+    spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+    if not spy:
         sys.exit("py-spy is not installed: pip install py-spy")
     path = ensure_models([args.model])[args.model]
     env = dict(item.split("=", 1) for item in args.env)
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(1.5)
         raw = Path(tempfile.mkdtemp(prefix="llmapi-profile-")) / "pyspy.txt"
         subprocess.run(
-            ["py-spy", "record", "--pid", str(worker), "--duration", str(int(args.seconds)), "--rate", "200",
+            [spy, "record", "--pid", str(worker), "--duration", str(int(args.seconds)), "--rate", "200",
              "--format", "raw", "--threads", "--nonblocking", "--output", str(raw)],
             check=True, capture_output=True,
         )  # fmt: skip

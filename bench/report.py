@@ -51,10 +51,12 @@ def limits_table(results: dict[str, Any]) -> str:
             rows.append(
                 [size, threads.removeprefix("threads") + " thr", batch, f["floor"], f["floor_torch_argmax"],
                  f["generate_greedy"], f["generate_sampled"], f["engine_greedy"], f["engine_sampled"],
+                 f.get("engine_sampled_inverse_cdf"),
                  f["generate_greedy_s"] * 1000, figures.get("other_cores")]
             )  # fmt: skip
     header = ["model", "torch", "batch", "floor", "floor(torch argmax)", "generate greedy", "generate sampled",
-              "engine greedy", "engine sampled", "generate ms", "other procs"]  # fmt: skip
+              "engine greedy", "engine sampled", "engine sampled (inverse CDF)", "generate ms",
+              "other procs"]  # fmt: skip
     return table(header, rows)
 
 

@@ -103,7 +103,7 @@ def from_engine_error(exc: EngineError) -> APIError:
     if isinstance(exc, ContextLengthExceeded):
         return APIError(str(exc), status=422, param="max_new_tokens")
     if isinstance(exc, ModelUnavailable):
-        return APIError(str(exc), status=503, headers={"Retry-After": "10"})
+        return APIError(str(exc), status=503, headers={"Retry-After": str(exc.retry_after())})
     log.error("engine error: %s", exc)
     return APIError("The server failed to generate a response.", status=500)
 

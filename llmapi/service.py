@@ -162,7 +162,10 @@ class EngineService:
         except Exception as exc:
             self._failed_at = time.monotonic()
             reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-            self._failure = ModelUnavailable(f"The model {name!r} could not be loaded: {reason}")
+            self._failure = ModelUnavailable(
+                f"The model {name!r} could not be loaded: {reason}",
+                retry_at=self._failed_at + self.settings.model_retry_seconds,
+            )
             log.error("pid=%d model load failed: %s: %s", os.getpid(), type(exc).__name__, reason)
             self.metrics.observe_load(None)
             raise self._failure from exc

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmapi.engine import GenerationRequest, create_engine
+from llmapi.engine import GenerationRequest, create_engine, sampling
 from llmapi.engine.bytelevel import byte_table, fast_decoder
 from llmapi.engine.sampling import RowControls, argmax, choose, inverse_cdf, sample
 from tests.conftest import run_concurrently
@@ -140,11 +140,26 @@ def draws(scores: torch.Tensor, rows: list[RowControls], steps: int) -> torch.Te
 
 
 @pytest.mark.parametrize(
-    ("vocab", "temperature", "top_k", "top_p"),
-    [(300, 1.0, 0, 1.0), (307, 0.6, 0, 1.0), (300, 1.0, 5, 1.0), (300, 1.0, 0, 0.7)],  # 307 is prime: padded blocks
+    ("vocab", "temperature", "top_k", "top_p", "offset", "flush", "tries"),
+    [
+        (300, 1.0, 0, 1.0, 0.0, True, None),  # rejection where it succeeds, else the inverse CDF: the mixture
+        (300, 1.0, 0, 1.0, 0.0, True, 0),  # the inverse CDF alone
+        (300, 1.0, 0, 1.0, 0.0, True, 10_000),  # rejection alone
+        (307, 0.6, 0, 1.0, 0.0, True, 0),  # 307 is prime: a padded last block
+        (300, 1.0, 5, 1.0, 0.0, True, None),
+        (300, 1.0, 0, 0.7, 0.0, True, None),
+        (300, 0.8, 0, 1.0, -90.0, True, 0),  # logits far from zero (GPT-2's are): the weights are shifted first
+        (300, 0.8, 0, 1.0, -90.0, True, 10_000),
+        (300, 1.0, 5, 1.0, 0.0, False, None),  # a CPU that cannot flush denormals: tiny weights are cut instead
+        (300, 0.05, 0, 1.0, 0.0, False, 0),
+    ],
 )
-def test_sampler_follows_the_softmax_law(vocab, temperature, top_k, top_p):
-    scores = torch.linspace(-3, 2, vocab)[torch.randperm(vocab, generator=torch.Generator().manual_seed(1))]
+def test_sampler_follows_the_softmax_law(vocab, temperature, top_k, top_p, offset, flush, tries, monkeypatch):
+    if not flush:
+        monkeypatch.setattr(torch, "set_flush_denormal", lambda on: False)
+    if tries is not None:
+        monkeypatch.setattr(sampling, "REJECTION_TRIES", tries)
+    scores = torch.linspace(-3, 2, vocab)[torch.randperm(vocab, generator=torch.Generator().manual_seed(1))] + offset
     counts = draws(scores, rows_of(50, temperature=temperature, top_k=top_k, top_p=top_p), 200)
     expected_scores = scores / temperature
     if top_k:
@@ -162,6 +177,42 @@ def test_sampler_follows_the_softmax_law(vocab, temperature, top_k, top_p):
     chi2 = float((((counts - expected) ** 2) / expected)[bins].sum())
     dof = int(bins.sum()) - 1
     assert chi2 < dof + 5 * math.sqrt(2 * dof)  # five standard deviations: a wrong law is far beyond
+
+
+def test_sampler_rows_with_different_temperatures_each_follow_their_own_law():
+    vocab = 200
+    scores = torch.linspace(-2, 2, vocab)
+    rows = [row for pair in zip(rows_of(20, temperature=0.5), rows_of(20, temperature=2.0, seed=100)) for row in pair]
+    counts = torch.zeros(2, vocab)
+    for _ in range(250):
+        tokens = sample(scores.expand(len(rows), -1).clone(), rows)
+        counts[0] += torch.bincount(tokens[0::2], minlength=vocab).float()
+        counts[1] += torch.bincount(tokens[1::2], minlength=vocab).float()
+    for group, temperature in enumerate((0.5, 2.0)):
+        expected = torch.softmax(scores / temperature, dim=-1) * counts[group].sum()
+        bins = expected > 5
+        chi2 = float((((counts[group] - expected) ** 2) / expected)[bins].sum())
+        dof = int(bins.sum()) - 1
+        assert chi2 < dof + 5 * math.sqrt(2 * dof)
+
+
+def test_sampler_takes_rejection_for_flat_rows_and_rests_peaked_ones(monkeypatch):
+    vocab = 5000
+    flat = torch.randn(vocab, generator=torch.Generator().manual_seed(2)) * 0.01  # a random-weight model's logits
+    peaked = torch.full((vocab,), -20.0)
+    peaked[:3] = torch.tensor([5.0, 4.0, 3.0])
+    calls = []
+    real = sampling._inverse_cdf_sample
+    monkeypatch.setattr(sampling, "_inverse_cdf_sample", lambda s, rows, p: calls.append(len(rows)) or real(s, rows, p))
+    flat_row, peaked_row = rows_of(2)
+    for _ in range(sampling.REJECTION_REST + 2):
+        tokens = sample(torch.stack([flat, peaked]), [flat_row, peaked_row]).tolist()
+        assert tokens[1] in (0, 1, 2)
+    # The flat row never needed the inverse CDF; the peaked row took it every step, and tried rejection only on
+    # the first step and again once its rest was over.
+    assert calls == [1] * (sampling.REJECTION_REST + 2)
+    assert flat_row.rejection_rest == 0
+    assert peaked_row.rejection_rest == sampling.REJECTION_REST
 
 
 def test_sampler_row_draws_do_not_depend_on_neighbours():
@@ -182,9 +233,9 @@ def test_sampler_never_picks_a_token_without_weight(vocab):
     log2w = torch.full((4, vocab), -math.inf)
     log2w[:, vocab - 1] = 0.0
     log2w[1, 0] = 0.0
-    gens = [torch.Generator().manual_seed(i) for i in range(4)]
-    for _ in range(200):
-        tokens = inverse_cdf(log2w, gens).tolist()
+    rng = random.Random(0)
+    for uniforms in [[0.0] * 4, [1.0 - 2**-53] * 4] + [[rng.random() for _ in range(4)] for _ in range(200)]:
+        tokens = inverse_cdf(log2w, uniforms).tolist()
         assert tokens[0] == tokens[2] == tokens[3] == vocab - 1 and tokens[1] in (0, vocab - 1)
 
 

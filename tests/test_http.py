@@ -277,8 +277,10 @@ def test_model_load_failure_is_503_and_retried_later(fake_engine):
 
     app = create_app({"api_key": KEY, "model_retry_seconds": 0}, engine_factory=factory)
     client = app.test_client()
-    error = assert_error(client.post("/generate", json={"prompt": "hi"}, headers={"x-api-key": KEY}), 503)
+    response = client.post("/generate", json={"prompt": "hi"}, headers={"x-api-key": KEY})
+    error = assert_error(response, 503)
     assert "could not be loaded" in error["message"]
+    assert response.headers["Retry-After"] == "1"  # the retry window is 0: try again at once
     assert client.get("/health").status_code == 200
     assert client.post("/generate", json={"prompt": "hi"}, headers={"x-api-key": KEY}).status_code == 200
     assert len(calls) == 2
@@ -294,7 +296,9 @@ def test_model_load_failure_is_not_retried_within_the_retry_window():
     app = create_app({"api_key": KEY, "model_retry_seconds": 60}, engine_factory=factory)
     client = app.test_client()
     for _ in range(3):
-        assert_error(client.post("/generate", json={"prompt": "hi"}, headers={"x-api-key": KEY}), 503)
+        response = client.post("/generate", json={"prompt": "hi"}, headers={"x-api-key": KEY})
+        assert_error(response, 503)
+        assert 59 <= int(response.headers["Retry-After"]) <= 60  # when the next load will be tried
     assert len(calls) == 1
 
 

@@ -1,23 +1,34 @@
 """Choose the next token of every row in a batch: greedy or sampled, per-row controls applied as batch tensor ops.
 
-Costs on this CPU, 8 rows x 50,257 logits: torch.argmax ~340 us, numpy's argmax ~28 us; torch.exp ~340 us,
-torch.exp2 ~115 us (and exp2 of numbers that underflow to denormals is slow, so log2-weights are clamped at
--126). A sampled row draws one uniform number per step from its own generator (inverse-CDF sampling), so its
-draws do not depend on its neighbours; an exponential race would need 50,257 of them per row and step.
+Costs on this CPU, 8 rows x 50,257 logits, one thread: torch.argmax ~340 us, numpy's argmax ~28 us; torch.exp
+~340 us, torch.exp2 ~120 us, and twice that when its results underflow to denormals, unless denormals are
+flushed to zero. A sampled row draws one uniform number per step from its own generator (inverse-CDF sampling),
+so its draws do not depend on its neighbours; an exponential race would need 50,257 of them per row and step.
+Every pass over the [batch, vocab] scores costs ~25 us at batch 8, so the sampler makes as few as it can:
+numpy's max, one multiply, exp2 and the block sums; the rest works on [batch, blocks] and [batch, BLOCK].
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
-from functools import cache
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-BLOCK = 256  # inverse-CDF block size when the vocabulary size has no convenient divisor
+BLOCK = 256  # tokens per inverse-CDF block: the last block of a vocabulary is padded with zero weights
 LOG2_E = 1.0 / math.log(2.0)
 MIN_LOG2 = -126.0  # 2**-126 is float32's smallest normal number: weights below it are far below rounding anyway
+# Rows whose largest log2-weight is within +-SAFE_PEAK need no shift: their total stays far below float32's
+# overflow (vocab x 2**64), and the weights that flush to zero (below 2**-126) are 2**-62 of the largest.
+SAFE_PEAK = 64.0
+UNIFORMS_PER_DRAW = 64  # uniform numbers a row takes from its generator at a time
+# Rejection from a uniform proposal (see `sample`): tries per row and step before the inverse CDF takes over,
+# and how many steps a row whose tries all failed goes straight to the inverse CDF before trying again.
+REJECTION_TRIES = 4
+REJECTION_REST = 32
 
 
 @dataclass
@@ -32,11 +43,20 @@ class RowControls:
     suppress_eos: bool
     seen: set[int]  # token ids of the prompt and output, kept only for a repetition penalty
     generator: torch.Generator | None
+    uniforms: list[float] = field(default_factory=list)  # drawn from `generator` ahead, next one last
+    rejection_rest: int = 0  # steps left before this row tries rejection sampling again
 
     @property
     def plain(self) -> bool:
         """Whether argmax of the raw logits is the answer."""
         return self.greedy and self.repetition_penalty == 1.0 and not self.suppress_eos
+
+    def uniform(self) -> float:
+        """The row's next uniform number in [0, 1), from its own generator (drawn in bulk: one call per 64)."""
+        if not self.uniforms:
+            self.uniforms = torch.rand(UNIFORMS_PER_DRAW, generator=self.generator, dtype=torch.float64).tolist()
+            self.uniforms.reverse()
+        return self.uniforms.pop()
 
     def saw(self, token: int) -> None:
         """Remember a generated token for the repetition penalty."""
@@ -79,7 +99,7 @@ def suppress_eos(scores: torch.Tensor, rows: Sequence[RowControls], eos_ids: Seq
     """Set the end-of-sequence scores of rows that may not end yet to -inf."""
     index = [i for i, row in enumerate(rows) if row.suppress_eos]
     if index and eos_ids:
-        scores[torch.tensor(index).unsqueeze(-1), torch.tensor(list(eos_ids))] = float("-inf")
+        scores.numpy()[np.ix_(index, list(eos_ids))] = -np.inf
 
 
 def apply_repetition_penalty(logits: torch.Tensor, rows: Sequence[RowControls], index: Sequence[int]) -> None:
@@ -94,18 +114,79 @@ def apply_repetition_penalty(logits: torch.Tensor, rows: Sequence[RowControls], 
 
 
 def sample(scores: torch.Tensor, rows: Sequence[RowControls], eos_ids: Sequence[int] = ()) -> torch.Tensor:
-    """Draw one token per row after temperature, top-k and top-p, each row from its own generator."""
-    scale = torch.tensor([LOG2_E / row.temperature for row in rows], dtype=scores.dtype).unsqueeze(-1)
-    # Base-2 log-weights relative to each row's best token: exp2 of them are the unnormalised probabilities.
-    log2w = (scores - scores.amax(dim=-1, keepdim=True)).mul_(scale).clamp_(min=MIN_LOG2)
-    suppress_eos(log2w, rows, eos_ids)
+    """Draw one token per row after temperature, top-k and top-p, each row from its own generator.
+
+    A row with neither top-k nor top-p first tries rejection sampling from a uniform proposal: a token drawn
+    uniformly is kept with probability weight / largest weight. That is the exact law at the cost of one pass
+    (the rows' maxima), and it succeeds quickly when the distribution is flat (high temperature, random
+    weights). Rows whose tries all fail (a peaked distribution: a trained model's, mostly) take the inverse
+    CDF, which is exact too, so the mixture of the two is exactly the law. Whether a row tries depends only on
+    its own past, so its draws still never depend on its neighbours.
+    """
+    suppress_eos(scores, rows, eos_ids)
+    values = scores.numpy()
+    peak = values.max(axis=1)  # numpy's SIMD max: torch.amax is slower here
+    tokens = [-1] * len(rows)
+    rest = []
+    for i, row in enumerate(rows):
+        token = _reject(values[i], float(peak[i]), row)
+        if token is None:
+            rest.append(i)
+        else:
+            tokens[i] = token
+    if rest:
+        part = scores if len(rest) == len(rows) else scores[torch.tensor(rest)]
+        group = [rows[i] for i in rest]
+        for i, token in zip(rest, _inverse_cdf_sample(part, group, peak[rest]).tolist()):
+            tokens[i] = token
+    return torch.tensor(tokens)
+
+
+def _reject(values: np.ndarray, peak: float, row: RowControls) -> int | None:
+    """A token by rejection from a uniform proposal, or None when the row should take the inverse CDF."""
+    if row.top_k or row.top_p < 1.0:
+        return None
+    if row.rejection_rest:
+        row.rejection_rest -= 1
+        return None
+    scale = LOG2_E / row.temperature
+    vocab = len(values)
+    for _ in range(REJECTION_TRIES):
+        token = int(row.uniform() * vocab)
+        if row.uniform() < 2.0 ** ((float(values[token]) - peak) * scale):
+            return token
+    row.rejection_rest = REJECTION_REST
+    return None
+
+
+def _inverse_cdf_sample(scores: torch.Tensor, rows: Sequence[RowControls], peak: np.ndarray) -> np.ndarray:
+    """Draw one token per row by inverse CDF after temperature, top-k and top-p."""
+    log2w = log2_weights_(scores, [row.temperature for row in rows], peak)
     top_k = [row.top_k if 0 < row.top_k < scores.shape[-1] else 0 for row in rows]
     if any(top_k):
         log2w = _top_k(log2w, top_k)
     top_p = [row.top_p for row in rows]
     if any(p < 1.0 for p in top_p):
         log2w = _top_p(log2w, top_p)
-    return inverse_cdf(log2w, [row.generator for row in rows])
+    return inverse_cdf(log2w, [row.uniform() for row in rows])
+
+
+def log2_weights_(scores: torch.Tensor, temperatures: Sequence[float], peak: np.ndarray) -> torch.Tensor:
+    """Turn scores into base-2 log-weights in place: scores / temperature / ln 2, shifted into exp2's safe range.
+
+    The shift (minus each row's largest value) costs a pass over the batch, so it is made only when some row's
+    largest value (`peak`, before scaling) falls outside [-SAFE_PEAK, SAFE_PEAK], as logits centred near zero
+    never do.
+    """
+    scale = np.float32(LOG2_E) / np.asarray(temperatures, dtype=np.float32)
+    if (scale == scale[0]).all():
+        scores.mul_(float(scale[0]))
+    else:
+        scores.mul_(torch.from_numpy(scale).unsqueeze(-1))
+    peak = peak * scale
+    if not (np.abs(peak) <= SAFE_PEAK).all():
+        scores.sub_(torch.from_numpy(peak).unsqueeze(-1))
+    return scores
 
 
 def _top_k(log2w: torch.Tensor, top_k: list[int]) -> torch.Tensor:
@@ -126,40 +207,43 @@ def _top_p(log2w: torch.Tensor, top_p: list[float]) -> torch.Tensor:
     return log2w.scatter(1, order, ordered.masked_fill(drop, float("-inf")))
 
 
-@cache
-def block_size(vocab: int) -> int:
-    """Tokens per block for inverse-CDF sampling: a divisor of `vocab` near 2*sqrt(vocab) if there is one (GPT-2's
-    50,257 = 29 x 1,733), so that the weights need no padding; else BLOCK, with the last block padded."""
-    target = 2 * math.isqrt(vocab)
-    divisors = [d for d in range(64, min(vocab, 4096) + 1) if vocab % d == 0]
-    return min(divisors, key=lambda d: abs(d - target)) if divisors else BLOCK
+def inverse_cdf(log2w: torch.Tensor, uniforms: Sequence[float]) -> np.ndarray:
+    """Draw per row from the weights 2**log2w with one uniform number in [0, 1) per row: the law of
+    torch.multinomial.
 
-
-def inverse_cdf(log2w: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
-    """Draw per row from weights 2**log2w with one uniform number from the row's own generator.
-
-    The same law as torch.multinomial. The weights are summed in blocks, the block is found on the blocks'
-    cumulative sum, then the token on the cumulative sum inside that block alone.
+    The weights are summed in blocks of BLOCK tokens, the block is found on the blocks' cumulative sum, then the
+    token on the cumulative sum inside that block alone.
     """
     rows, vocab = log2w.shape
-    size = block_size(vocab)
-    blocks = -(-vocab // size)
-    if blocks * size == vocab:
-        weights = torch.exp2(log2w)
-    else:
-        weights = log2w.new_zeros((rows, blocks * size))
-        torch.exp2(log2w, out=weights[:, :vocab])
-    weights = weights.view(rows, blocks, size)
-    block_cdf = weights.sum(dim=-1).cumsum_(dim=-1)
-    uniform = torch.cat([torch.rand(1, generator=g, dtype=log2w.dtype) for g in generators]).unsqueeze(-1)
-    target = _below(uniform.mul_(block_cdf[:, -1:]), block_cdf[:, -1:])
-    block = torch.searchsorted(block_cdf, target, right=True)
-    before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp_(min=0)), 0.0)
-    inner = weights[torch.arange(rows), block.squeeze(-1)].cumsum_(dim=-1)
-    offset = torch.searchsorted(inner, _below(target.sub_(before), inner[:, -1:]), right=True)
-    return block.mul_(size).add_(offset).squeeze(-1)
+    blocks = -(-vocab // BLOCK)
+    padded = log2w.new_empty((rows, blocks * BLOCK))
+    padded[:, vocab:] = 0.0
+    weights = padded[:, :vocab]
+    with _flushed_denormals() as flushed:
+        if not flushed:  # exp2 of numbers that underflow to denormals is slow: weights that small count as 0
+            log2w = log2w.masked_fill(log2w < MIN_LOG2, -math.inf)
+        torch.exp2(log2w, out=weights)
+    block_cdf = padded.view(rows, blocks, BLOCK).sum(dim=-1).numpy().cumsum(axis=1)
+    target = _below(np.asarray(uniforms, dtype=np.float32) * block_cdf[:, -1], block_cdf[:, -1])
+    block = (block_cdf <= target[:, None]).sum(axis=1)  # searchsorted, right side, for every row at once
+    each = np.arange(rows)
+    target -= np.where(block > 0, block_cdf[each, block - 1], np.float32(0))
+    inner = padded.numpy().reshape(rows, blocks, BLOCK)[each, block].cumsum(axis=1)
+    offset = (inner <= _below(target, inner[:, -1])[:, None]).sum(axis=1)
+    return block * BLOCK + offset
 
 
-def _below(value: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
+@contextmanager
+def _flushed_denormals() -> Iterator[bool]:
+    """Flush denormal floats to zero in this thread for the block (a per-thread CPU flag); yield whether it took."""
+    flushed = torch.set_flush_denormal(True)
+    try:
+        yield flushed
+    finally:
+        if flushed:
+            torch.set_flush_denormal(False)
+
+
+def _below(value: np.ndarray, limit: np.ndarray) -> np.ndarray:
     """Clamp `value` strictly below `limit`, so that rounding never picks a token past the last one with weight."""
-    return torch.minimum(value, torch.nextafter(limit, torch.zeros_like(limit)))
+    return np.minimum(value, np.nextafter(limit, np.float32(0)))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass, field
 
 
@@ -10,7 +12,17 @@ class EngineError(Exception):
 
 
 class ModelUnavailable(EngineError):
-    """The model could not be loaded; a later request will try again."""
+    """The model could not be loaded; a later request will try again, from `retry_at` (time.monotonic())."""
+
+    def __init__(self, message: str, *, retry_at: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_at = retry_at
+
+    def retry_after(self) -> int:
+        """Whole seconds until a request will try loading again (at least 1): the Retry-After to send."""
+        if self.retry_at is None:
+            return 1
+        return max(1, math.ceil(self.retry_at - time.monotonic()))
 
 
 class ContextLengthExceeded(EngineError):
