@@ -1,9 +1,9 @@
 """What the HTTP side costs per request, in one process with an engine that answers at once (no model work).
 
 `python -m bench.http_cost` prints CPU microseconds per /generate request through the whole Flask app (auth, JSON,
-webargs + marshmallow validation, the view, the response schema, JSON out), its main parts measured apart, and the
-tokenizer's encode and decode beside them. gunicorn's own HTTP parsing and socket work come on top (the server
-table's CPU figures include them).
+webargs + marshmallow validation, the view, the response schema, JSON out), the same for /v1/completions and
+/v1/chat/completions, the /generate parts measured apart, and the tokenizer's encode and decode beside them.
+gunicorn's own HTTP parsing and socket work come on top (the server table's CPU figures include them).
 """
 
 from __future__ import annotations
@@ -65,8 +65,8 @@ def cpu_us(func: Callable[[], Any], count: int) -> float:
     return (time.process_time() - started) / count * 1e6
 
 
-def wsgi_call(app: Any, body: bytes) -> Callable[[], Any]:
-    """A call of the WSGI app on a ready-made POST /generate environ, as gunicorn makes one."""
+def wsgi_call(app: Any, body: bytes, path: str = "/generate") -> Callable[[], Any]:
+    """A call of the WSGI app on a ready-made POST environ, as gunicorn makes one."""
     statuses: list[str] = []
 
     def start_response(status: str, headers: Any, exc_info: Any = None) -> None:
@@ -74,7 +74,7 @@ def wsgi_call(app: Any, body: bytes) -> Callable[[], Any]:
 
     def call() -> None:
         environ = {
-            "REQUEST_METHOD": "POST", "PATH_INFO": "/generate", "SCRIPT_NAME": "", "QUERY_STRING": "",
+            "REQUEST_METHOD": "POST", "PATH_INFO": path, "SCRIPT_NAME": "", "QUERY_STRING": "",
             "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "8000", "SERVER_PROTOCOL": "HTTP/1.1",
             "CONTENT_TYPE": "application/json", "CONTENT_LENGTH": str(len(body)), "HTTP_X_API_KEY": KEY,
             "wsgi.input": io.BytesIO(body), "wsgi.url_scheme": "http", "wsgi.errors": io.StringIO(),
@@ -102,8 +102,14 @@ def measure(model: str | None, count: int) -> dict[str, float]:
     schema = schema_class()
     args = schema.load(json.loads(body))
     result = InstantHandle(to_generation_request(args)).result()
+    completion = {"prompt": BODY["prompt"], "max_tokens": 32, "temperature": 0.8}
+    chat = {"messages": [{"role": "user", "content": BODY["prompt"]}], "max_tokens": 32, "temperature": 0.8}
     figures = {
         "whole app (WSGI call)": cpu_us(wsgi_call(app, body), count),
+        "whole app, /v1/completions": cpu_us(wsgi_call(app, json.dumps(completion).encode(), "/v1/completions"), count),
+        "whole app, /v1/chat/completions": cpu_us(
+            wsgi_call(app, json.dumps(chat).encode(), "/v1/chat/completions"), count
+        ),
         "json.loads of the body": cpu_us(lambda: json.loads(body), count),
         "schema load (validation)": cpu_us(lambda: schema.load(json.loads(body)), count),
         "schema instantiation (no longer per request)": cpu_us(schema_class, count),

@@ -318,7 +318,8 @@ def create_blueprint(app_settings: Settings) -> Blueprint:
         return {"object": "list", "data": [card]}
 
     @blp.route("/completions", methods=["POST"])
-    @blp.arguments(schemas.completion, error_status_code=400, example=examples["completion"])
+    # Instances, not classes: webargs would otherwise build (and deep-copy the fields of) one per request.
+    @blp.arguments(schemas.completion(), error_status_code=400, example=examples["completion"])
     @blp.response(200, CompletionResponseSchema)
     @blp.alt_response(200, schema=CHUNK_EVENT_SCHEMA, content_type="text/event-stream")
     @documented
@@ -334,7 +335,7 @@ def create_blueprint(app_settings: Settings) -> Blueprint:
         return answer(CompletionFormat(prompts, echo=args["echo"]), handles, args, model)
 
     @blp.route("/chat/completions", methods=["POST"])
-    @blp.arguments(schemas.chat, error_status_code=400, example=examples["chat"])
+    @blp.arguments(schemas.chat(), error_status_code=400, example=examples["chat"])
     @blp.response(200, ChatCompletionResponseSchema)
     @blp.alt_response(200, schema=CHUNK_EVENT_SCHEMA, content_type="text/event-stream")
     @documented
