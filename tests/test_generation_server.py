@@ -144,7 +144,7 @@ def test_client_hang_up_stops_generation_early(server):
     payload = json.dumps({"prompt": "Hello", "max_new_tokens": 512, "stream": True}).encode()
     request = (
         f"POST /generate HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-        f"x-api-key: {KEY}\r\nContent-Length: {len(payload)}\r\n\r\n"
+        f"x-api-key: {KEY}\r\nX-Request-ID: hang-up-test-1\r\nContent-Length: {len(payload)}\r\n\r\n"
     ).encode() + payload
     before = server.log().count("generation cancelled after")
     with socket.create_connection((host, int(port)), timeout=10) as sock:
@@ -163,5 +163,6 @@ def test_client_hang_up_stops_generation_early(server):
     assert len(lines) == before + 1, "the generation was not cancelled"
     done = int(re.search(r"cancelled after (\d+) of 512", lines[-1]).group(1))
     assert done < 256, f"generation ran on for {done} tokens after the client left"
+    assert "[hang-up-test-1]" in lines[-1]  # logged by the engine thread, with the request's id
     # The worker is free and well afterwards.
     assert server.post("/generate", {"prompt": "Hello", "max_new_tokens": 3}).status_code == 200

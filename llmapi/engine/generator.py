@@ -9,6 +9,7 @@ padding), so that its arithmetic, and so its text, does not depend on what else 
 from __future__ import annotations
 
 import atexit
+import contextvars
 import logging
 import queue
 import random
@@ -81,6 +82,8 @@ class Row:
         self.submitted = submitted
         self.deadline = submitted + request.timeout_s if request.timeout_s else float("inf")
         self.timings: dict[str, float] = {}
+        # The submitting thread's context (its request id, for one): the engine thread logs about the row in it.
+        self.context = contextvars.copy_context()
         self.closed = False
         self.solo = request.seed is not None
         self.seed = request.seed
@@ -154,7 +157,9 @@ class Row:
         self.stream()
         self.closed = True
         if self.finish_reason == "cancelled":
-            log.info("generation cancelled after %d of %d new tokens", self.generated, self.request.max_new_tokens)
+            self.context.run(
+                log.info, "generation cancelled after %d of %d new tokens", self.generated, self.request.max_new_tokens
+            )
         self.timings["total_s"] = now - self.submitted
         self.timings["batch_size"] = self.batched / self.steps if self.steps else 1.0
         result = GenerationResult(
