@@ -2,9 +2,9 @@
 
 Costs on this CPU, 8 rows x 50,257 logits, one thread: torch.argmax ~340 us, numpy's argmax ~28 us; torch.exp
 ~340 us, torch.exp2 ~120 us, and twice that when its results underflow to denormals, unless denormals are
-flushed to zero. A sampled row draws one uniform number per step from its own generator (inverse-CDF sampling),
-so its draws do not depend on its neighbours; an exponential race would need 50,257 of them per row and step.
-Every pass over the [batch, vocab] scores costs ~25 us at batch 8, so the sampler makes as few as it can:
+flushed to zero. A sampled row draws its uniform numbers from its own generator (two per rejection try, one for
+the inverse CDF), so its draws do not depend on its neighbours; an exponential race would need 50,257 of them per
+row and step. Every pass over the [batch, vocab] scores costs ~25 us at batch 8, so the sampler makes as few as it can:
 numpy's max, one multiply, exp2 and the block sums; the rest works on [batch, blocks] and [batch, BLOCK].
 """
 
