@@ -69,12 +69,15 @@ def on_starting(server):
     _metrics_dir, _made_metrics_dir = _server.prepare_metrics_dir(_settings.metrics_dir)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(_metrics_dir)  # inherited by every worker forked from now on
     server.log.info("metrics directory %s", _metrics_dir)
+    # Shared memory where the workers post their open connections, for least-connections accept.
+    _server.make_connection_board()
 
 
 def child_exit(server, worker):
-    """Forget a dead worker's live gauges, so that /metrics counts only the workers that serve."""
+    """Forget a dead worker: its live gauges (so that /metrics counts only the workers that serve), its connections."""
     if _metrics_dir is not None:
         _server.mark_worker_dead(worker.pid, _metrics_dir)
+    _server.forget_worker(worker.age, worker.pid)
 
 
 def on_exit(server):

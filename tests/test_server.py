@@ -115,3 +115,62 @@ def test_server_health_answers_fast_after_start(start_server, tiny_model):
     elapsed = time.monotonic() - started
     assert requests.get(server.url + "/health", timeout=5).status_code == 200
     print(f"gunicorn answered /health {elapsed:.2f}s after launch")
+
+
+def connections_by_pid(pids: list[int], port: int) -> dict[int, int]:
+    """How many established TCP connections on the server's `port` each process holds, from /proc."""
+    established = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as lines:
+            rows = lines.read().splitlines()[1:]
+        for line in rows:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":  # 01: ESTABLISHED
+                established.add(fields[9])  # the socket's inode
+    counts = {}
+    for pid in pids:
+        inodes = set()
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:  # closed meanwhile
+                continue
+            if link.startswith("socket:["):
+                inodes.add(link[len("socket:[") : -1])
+        counts[pid] = len(inodes & established)
+    return counts
+
+
+def test_server_splits_keep_alive_connections_evenly_between_workers(start_server):
+    # Without least-connections accept, 8 connections opened at once split 4 / 4 about one time in four.
+    server = start_server(GUNICORN_THREADS="16")
+    pids = server.wait_workers(2)
+    port = int(server.url.rsplit(":", 1)[1])
+    for _ in range(3):
+        sessions = [requests.Session() for _ in range(8)]
+        statuses = run_concurrently(lambda i, sessions=sessions: sessions[i].get(server.url + "/health").status_code, 8)
+        assert statuses == [200] * 8
+        counts = connections_by_pid(pids, port)
+        assert sorted(counts.values()) == [4, 4], counts
+        for session in sessions:
+            session.close()
+        deadline = time.monotonic() + 10
+        while sum(connections_by_pid(pids, port).values()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+def test_connection_board_reports_the_fewest_connections_of_other_live_workers():
+    from llmapi.server import ConnectionBoard
+
+    board = ConnectionBoard()
+    assert board.fewest_elsewhere(board.slot(1)) is None  # alone
+    board.publish(board.slot(1), 101, 5)
+    board.publish(board.slot(2), 102, 3)
+    board.publish(board.slot(3), 103, 4)
+    assert board.fewest_elsewhere(board.slot(1)) == 3
+    assert board.fewest_elsewhere(board.slot(2)) == 4  # its own count is not a sibling's
+    board.clear(board.slot(2), 999)  # another pid: the slot was taken over since, keep it
+    assert board.fewest_elsewhere(board.slot(1)) == 3
+    board.clear(board.slot(2), 102)
+    assert board.fewest_elsewhere(board.slot(1)) == 4
+    assert board.slot(1 + ConnectionBoard.SLOTS) == board.slot(1)
