@@ -66,7 +66,7 @@ def step_us(source: Any, *, greedy: bool, rejection: bool, seconds: float) -> fl
     """Microseconds of one `choose` on a copy of `source` (temperature 0.8, EOS ruled out as under min_new_tokens)."""
     import torch
 
-    from llmapi.engine import sampling
+    from bench.limits import rejection_tries
     from llmapi.engine.sampling import RowControls, choose
 
     work = source.clone()
@@ -74,13 +74,9 @@ def step_us(source: Any, *, greedy: bool, rejection: bool, seconds: float) -> fl
         RowControls(greedy, 0.8, 0, 1.0, 1.0, True, set(), None if greedy else torch.Generator())
         for _ in range(len(source))
     ]
-    saved = sampling.REJECTION_TRIES
-    sampling.REJECTION_TRIES = saved if rejection else 0
-    try:
+    with rejection_tries(None if rejection else 0):
         # The copy stands for the fresh logits every step brings; it is timed apart and taken off.
         total = per_step_us(lambda: choose(work.copy_(source), rows, [VOCAB - 1]), seconds)
-    finally:
-        sampling.REJECTION_TRIES = saved
     return total - per_step_us(lambda: work.copy_(source), seconds / 4)
 
 

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import schemathesis
 
-import tests.schemathesis_openai_hooks  # noqa: F401 (registers the /v1 routes' rules)
+from tests.schemathesis_openai_hooks import positive_body  # importing it registers the /v1 routes' rules
 
 
 @schemathesis.hook
 def filter_case(context: schemathesis.HookContext, case: schemathesis.Case) -> bool:
     """Drop positive cases whose min_new_tokens exceeds max_new_tokens: the spec says they are invalid in words."""
-    body = case.body
-    positive = case.meta is None or case.meta.generation.mode.is_positive
-    if not positive or not isinstance(body, dict):
+    body = positive_body(case)
+    if body is None:
         return True
     low, high = body.get("min_new_tokens"), body.get("max_new_tokens")
     return not (type(low) is int and type(high) is int and low > high)

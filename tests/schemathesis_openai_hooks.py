@@ -44,12 +44,17 @@ def chat_fits(case: schemathesis.Case, body: dict[str, Any]) -> bool:
     return len(default_template(messages).encode("utf-8")) + new_tokens <= CONTEXT_TOKENS
 
 
+def positive_body(case: schemathesis.Case) -> dict[str, Any] | None:
+    """The JSON object body of a case meant to be valid (None for negative cases and other bodies)."""
+    positive = case.meta is None or case.meta.generation.mode.is_positive
+    return case.body if positive and isinstance(case.body, dict) else None
+
+
 @schemathesis.hook
 def filter_case(context: schemathesis.HookContext, case: schemathesis.Case) -> bool:
     """Drop positive /v1 cases that break a rule the spec can state only in words."""
-    body = case.body
-    positive = case.meta is None or case.meta.generation.mode.is_positive
-    if not positive or not isinstance(body, dict):
+    body = positive_body(case)
+    if body is None:
         return True
     if case.path == "/v1/completions":
         return completion_fits(case, body)

@@ -81,12 +81,19 @@ def choose(logits: torch.Tensor, rows: Sequence[RowControls], eos_ids: Sequence[
         index = [i for i, row in enumerate(rows) if row.greedy == greedy]
         if not index:
             continue
-        part = logits if len(index) == len(rows) else logits[torch.tensor(index)]
-        group = [rows[i] for i in index]
+        part, group = _subset(logits, rows, index)
         picked = _greedy(part, group, eos_ids) if greedy else sample(part, group, eos_ids)
         for i, token in zip(index, picked.tolist()):
             tokens[i] = token
     return tokens
+
+
+def _subset(
+    scores: torch.Tensor, rows: Sequence[RowControls], index: list[int]
+) -> tuple[torch.Tensor, list[RowControls]]:
+    """The scores and controls of the rows at `index`: `scores` itself when that is every row, else a copy."""
+    part = scores if len(index) == len(rows) else scores[torch.tensor(index)]
+    return part, [rows[i] for i in index]
 
 
 def _greedy(scores: torch.Tensor, rows: Sequence[RowControls], eos_ids: Sequence[int]) -> torch.Tensor:
@@ -135,8 +142,7 @@ def sample(scores: torch.Tensor, rows: Sequence[RowControls], eos_ids: Sequence[
         else:
             tokens[i] = token
     if rest:
-        part = scores if len(rest) == len(rows) else scores[torch.tensor(rest)]
-        group = [rows[i] for i in rest]
+        part, group = _subset(scores, rows, rest)
         for i, token in zip(rest, _inverse_cdf_sample(part, group, peak[rest]).tolist()):
             tokens[i] = token
     return torch.tensor(tokens)
