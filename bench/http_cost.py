@@ -89,8 +89,8 @@ def wsgi_call(app: Any, body: bytes, path: str = "/generate") -> Callable[[], An
 def measure(model: str | None, count: int) -> dict[str, float]:
     """Microseconds per request for the whole app and for its parts."""
     from llmapi import create_app
-    from llmapi.api import generate_body, to_generation_request
-    from llmapi.schemas import GenerateResponseSchema, build
+    from llmapi.http.fields import GenerateResponseSchema, build
+    from llmapi.http.generate import generate_body, to_generation_request
 
     app = create_app({"api_key": KEY}, engine_factory=lambda settings: InstantEngine())
     quiet = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process

@@ -8,13 +8,16 @@ from typing import Any
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from llmapi import admission, api, errors, health, logs, metrics, openai_api
-from llmapi.auth import EXTENSION as KEYS_EXTENSION
+from llmapi import errors, logs, metrics
 from llmapi.config import Settings
-from llmapi.docs import SpecApi
+from llmapi.http import generate, health
+from llmapi.http.docs import SpecApi
+from llmapi.http.hooks import EXTENSION as KEYS_EXTENSION
+from llmapi.http.openai import routes as openai_routes
 from llmapi.logs import configure_logging
 from llmapi.metrics import Metrics
-from llmapi.service import EngineFactory, EngineService, load_engine
+from llmapi.runtime import admission
+from llmapi.runtime.service import EngineFactory, EngineService, load_engine
 
 __version__ = "0.1.0"
 
@@ -46,8 +49,8 @@ def create_app(
     spec = SpecApi(app)
     spec.register_blueprint(health.blp)
     spec.register_blueprint(metrics.blp)
-    spec.register_blueprint(api.create_blueprint(settings))
-    spec.register_blueprint(openai_api.create_blueprint(settings))
+    spec.register_blueprint(generate.create_blueprint(settings))
+    spec.register_blueprint(openai_routes.create_blueprint(settings))
     errors.register(app)  # after Api(), so that these handlers replace flask-smorest's own
     return app
 

@@ -12,9 +12,9 @@ from prometheus_client import values as prometheus_values
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from llmapi.auth import require_key
 from llmapi.config import Settings
 from llmapi.engine.types import GenerationResult
+from llmapi.http.hooks import require_key
 
 EXTENSION = "llmapi.metrics"
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})

@@ -12,7 +12,7 @@ import pytest
 from openapi_spec_validator import validate
 
 from llmapi import create_app
-from llmapi.docs import DOC_ENDPOINTS
+from llmapi.http.docs import DOC_ENDPOINTS
 from tests.conftest import KEY
 
 HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}

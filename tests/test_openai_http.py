@@ -12,7 +12,7 @@ from llmapi import create_app
 from llmapi.config import ConfigError, Settings
 from llmapi.engine.chat import ChatTemplateError, default_template
 from llmapi.engine.types import EngineError, GenerationRequest, GenerationResult
-from llmapi.openai_api import finish_reason
+from llmapi.http.openai.routes import finish_reason
 from tests.conftest import FAKE_CONTEXT, KEY, FakeEngine, FakeHandle
 from tests.test_http import assert_error
 

@@ -13,11 +13,11 @@ import pytest
 from flask import request
 
 from llmapi import create_app
-from llmapi.admission import describe
 from llmapi.config import ConfigError, Settings
 from llmapi.engine.types import GenerationRequest
 from llmapi.logs import SANE_ID, choose_id
-from llmapi.service import engine_service
+from llmapi.runtime.admission import describe
+from llmapi.runtime.service import engine_service
 from tests.conftest import KEY, FakeEngine, FakeHandle
 from tests.ops_helpers import error_of, sample
 

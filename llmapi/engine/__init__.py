@@ -28,11 +28,11 @@ def create_engine(
     max_batch_size: int = 8,
     batch_wait_ms: float = 2.0,
     mode: str = "batch",
-):  # -> llmapi.engine.generator.Engine, typed loosely so that importing this package stays torch-free
+):  # -> llmapi.engine.batching.Engine, typed loosely so that importing this package stays torch-free
     """Load `model_name` and start an engine on it (mode "batch", or "simple": the baseline); imports torch."""
     # The Rust tokenizer's own thread pool must not start in a process that serves threads of its own.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from llmapi.engine.generator import Engine
+    from llmapi.engine.batching import Engine
     from llmapi.engine.loader import load, set_threads
     from llmapi.engine.tuning import keep_freed_memory
 

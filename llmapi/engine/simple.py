@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from llmapi.engine.front import ModelFront
+from llmapi.engine.base import ModelFront
 from llmapi.engine.loader import LoadedModel
 from llmapi.engine.text import StopMatcher
 from llmapi.engine.types import EngineError, GenerationRequest, GenerationResult

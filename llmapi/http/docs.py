@@ -14,10 +14,9 @@ from marshmallow.validate import Range
 from swagger_ui_bundle import swagger_ui_path
 from werkzeug.routing import Rule
 
-from llmapi.api import require_json
-from llmapi.auth import require_api_key
 from llmapi.errors import error_body
-from llmapi.schemas import ErrorSchema
+from llmapi.http.fields import ErrorSchema
+from llmapi.http.hooks import require_api_key, require_json
 
 DOCS_PATH = "/docs"
 ASSETS_PATH = "/docs/assets"

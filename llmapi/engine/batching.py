@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
+from llmapi.engine.base import ModelFront
 from llmapi.engine.bytelevel import fast_decoder
-from llmapi.engine.front import ModelFront
 from llmapi.engine.loader import LoadedModel
 from llmapi.engine.sampling import RowControls, choose
 from llmapi.engine.text import IncrementalDecoder, StopMatcher

@@ -11,7 +11,7 @@ from marshmallow.validate import Length, OneOf, Range
 
 from llmapi.config import Settings
 from llmapi.engine.chat import ROLES
-from llmapi.schemas import (
+from llmapi.http.fields import (
     MAX_SEED,
     StopField,
     StrictBoolean,

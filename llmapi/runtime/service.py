@@ -12,10 +12,10 @@ from typing import Any, Protocol
 
 from flask import Flask, current_app
 
-from llmapi.admission import Admission, TrackedHandle
 from llmapi.config import Settings
 from llmapi.engine.types import GenerationRequest, GenerationResult, ModelUnavailable
 from llmapi.metrics import Metrics
+from llmapi.runtime.admission import Admission, TrackedHandle
 
 log = logging.getLogger(__name__)
 EXTENSION = "llmapi.engine"

@@ -15,21 +15,21 @@ from flask_smorest import Blueprint
 from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException
 
-from llmapi.api import SSE_HEADERS, require_json, sse
-from llmapi.auth import require_api_key
 from llmapi.config import Settings
 from llmapi.engine.chat import ChatTemplateError
 from llmapi.engine.types import ContextLengthExceeded, EngineError, GenerationRequest, GenerationResult
 from llmapi.errors import APIError, error_body, from_engine_error, from_http_exception, respond, validation_error
-from llmapi.openai_schemas import (
+from llmapi.http.fields import MAX_SEED, ErrorSchema
+from llmapi.http.generate import SSE_HEADERS, sse
+from llmapi.http.hooks import require_api_key, require_json
+from llmapi.http.openai.schemas import (
     CHUNK_EVENT_SCHEMA,
     ChatCompletionResponseSchema,
     CompletionResponseSchema,
     ModelListSchema,
     build,
 )
-from llmapi.schemas import MAX_SEED, ErrorSchema
-from llmapi.service import HandleLike, engine_service
+from llmapi.runtime.service import HandleLike, engine_service
 
 log = logging.getLogger(__name__)
 

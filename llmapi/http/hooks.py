@@ -1,4 +1,4 @@
-"""API-key check for the API blueprint: x-api-key or Bearer, compared in constant time."""
+"""before_request hooks of the API blueprints: the API key (x-api-key or Bearer, constant time) and JSON bodies."""
 
 from __future__ import annotations
 
@@ -49,3 +49,9 @@ def require_key(keys: tuple[bytes, ...]) -> None:
 def _challenge() -> dict[str, str]:
     """Tell the client how to authenticate."""
     return {"WWW-Authenticate": CHALLENGE}
+
+
+def require_json() -> None:
+    """before_request hook: bodies must be JSON."""
+    if request.method in ("POST", "PUT", "PATCH") and not request.is_json:
+        raise APIError("Content-Type must be application/json.", status=415)

@@ -17,7 +17,7 @@ from gunicorn.workers.gthread import ThreadWorker as GthreadWorker
 from prometheus_client import multiprocess
 
 from llmapi.logs import JsonFormatter, iso_time
-from llmapi.service import EXTENSION as ENGINE_EXTENSION
+from llmapi.runtime.service import EXTENSION as ENGINE_EXTENSION
 
 METRICS_DIR_PREFIX = "llmapi-metrics-"
 

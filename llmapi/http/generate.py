@@ -7,16 +7,16 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
-from flask import Response, current_app, request
+from flask import Response, current_app
 from flask_smorest import Blueprint
 
-from llmapi import examples
-from llmapi.auth import require_api_key
 from llmapi.config import Settings
 from llmapi.engine.types import EngineError, GenerationRequest, GenerationResult
-from llmapi.errors import APIError, error_body, from_engine_error
-from llmapi.schemas import ErrorSchema, GenerateResponseSchema, build
-from llmapi.service import HandleLike, engine_service
+from llmapi.errors import error_body, from_engine_error
+from llmapi.http import examples
+from llmapi.http.fields import ErrorSchema, GenerateResponseSchema, build
+from llmapi.http.hooks import require_api_key, require_json
+from llmapi.runtime.service import HandleLike, engine_service
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +35,6 @@ SSE_SCHEMA = {
     "description": 'Server-Sent Events, answered when the request has `"stream": true`',
 }
 RETRY_AFTER = {"Retry-After": {"description": "seconds before a retry may succeed", "schema": {"type": "integer"}}}
-
-
-def require_json() -> None:
-    """before_request hook: bodies must be JSON."""
-    if request.method in ("POST", "PUT", "PATCH") and not request.is_json:
-        raise APIError("Content-Type must be application/json.", status=415)
 
 
 def to_generation_request(args: dict[str, Any]) -> GenerationRequest:

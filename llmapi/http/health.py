@@ -5,8 +5,8 @@ from __future__ import annotations
 from flask_smorest import Blueprint
 
 from llmapi.errors import APIError
-from llmapi.schemas import ErrorSchema, HealthSchema, ReadySchema
-from llmapi.service import engine_service
+from llmapi.http.fields import ErrorSchema, HealthSchema, ReadySchema
+from llmapi.runtime.service import engine_service
 
 blp = Blueprint("health", __name__, description="Probes for load balancers and orchestrators.")
 

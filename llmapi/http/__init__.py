@@ -1,0 +1,1 @@
+"""Everything that speaks HTTP: blueprints, schemas, hooks and formats (never torch)."""
