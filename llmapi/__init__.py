@@ -16,7 +16,6 @@ from llmapi.http.hooks import EXTENSION as KEYS_EXTENSION
 from llmapi.http.openai import routes as openai_routes
 from llmapi.logs import configure_logging
 from llmapi.metrics import Metrics
-from llmapi.runtime import admission
 from llmapi.runtime.service import EngineFactory, EngineService, load_engine
 
 __version__ = "0.1.0"
@@ -41,7 +40,6 @@ def create_app(
     logs.init_app(app)  # first: every later hook may log, and every response carries the request id
     service_metrics = Metrics(settings)
     service_metrics.init_app(app)
-    admission.init_app(app)
     EngineService(settings, engine_factory, metrics=service_metrics).init_app(app)
     if settings.trusted_proxy_hops:  # only then may X-Forwarded-* say who the client is
         hops = settings.trusted_proxy_hops

@@ -9,7 +9,7 @@ from flask import Flask, Response, jsonify
 from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException
 
-from llmapi.engine.types import ContextLengthExceeded, EngineError, ModelUnavailable
+from llmapi.engine.types import EngineError, ModelUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -78,34 +78,46 @@ def flatten(messages: Any, path: str = "") -> list[tuple[str, str]]:
     return [(path, str(messages))]
 
 
-def validation_error(messages: Any) -> APIError:
+def validation_error(messages: Any, *, status: int = 422) -> APIError:
     """Describe every invalid field in one message; the first one names the parameter."""
     pairs = flatten(messages)
     text = "; ".join(f"{name}: {msg}" if name else msg for name, msg in pairs) or "Invalid request."
     param = next((name for name, _ in pairs if name), None)
-    return APIError(text, status=422, param=param)
+    return APIError(text, status=status, param=param)
 
 
 def from_http_exception(exc: HTTPException) -> APIError:
-    """Map werkzeug's and webargs' HTTP errors to the one shape, keeping headers such as Allow."""
+    """Map werkzeug's and webargs' HTTP errors to the one shape, keeping headers such as Allow.
+
+    A schema's failure keeps the status its blueprint declared for validation (webargs' error_status_code):
+    422 on /generate, 400 on /v1, as OpenAI answers.
+    """
     status = exc.code or 500
     data = getattr(exc, "data", None) or {}
     headers = {k: v for k, v in exc.get_headers() if k.lower() != "content-type"}
-    if status == 422 and "messages" in data:
-        return validation_error(data["messages"])
-    if status == 400 and "messages" in data:
+    if isinstance(getattr(exc, "exc", None), ValidationError):
+        return validation_error(data["messages"], status=status)
+    if "messages" in data:  # webargs could not read the body as JSON
         return APIError("Request body is not valid JSON.", status=400, headers=headers)
     return APIError(exc.description or exc.name, status=status, headers=headers)
 
 
 def from_engine_error(exc: EngineError) -> APIError:
-    """Map the engine's errors to HTTP statuses."""
-    if isinstance(exc, ContextLengthExceeded):
-        return APIError(str(exc), status=422, param="max_new_tokens")
+    """Map the engine's errors that mean the same on every API (each API words its own client errors)."""
     if isinstance(exc, ModelUnavailable):
         return APIError(str(exc), status=503, headers={"Retry-After": str(exc.retry_after())})
     log.error("engine error: %s", exc)
     return APIError("The server failed to generate a response.", status=500)
+
+
+def in_band(exc: Exception) -> dict[str, Any]:
+    """The error event of a stream that failed after it started (its 200 status is already sent)."""
+    if isinstance(exc, EngineError):
+        failure = from_engine_error(exc)
+    else:
+        log.exception("stream failed")
+        failure = APIError("The server had an unexpected error.", status=500)
+    return error_body(failure.message, status=failure.status, type=failure.type, param=failure.param)
 
 
 def register(app: Flask) -> None:

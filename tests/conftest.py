@@ -85,12 +85,20 @@ def fake_engine() -> FakeEngine:
 
 
 @pytest.fixture
-def app(fake_engine: FakeEngine):
+def make_app(fake_engine: FakeEngine) -> Callable[..., Any]:
+    """Build an app with the key KEY and `config` overrides, on `engine`, an engine `factory`, or the fake engine."""
+
+    def make(engine: Any = None, *, factory: Callable[..., Any] | None = None, **config: Any) -> Any:
+        chosen = fake_engine if engine is None else engine
+        return create_app({"api_key": KEY, **config}, engine_factory=factory or (lambda settings: chosen))
+
+    return make
+
+
+@pytest.fixture
+def app(make_app: Callable[..., Any]):
     """The app with two keys, small limits and the fake engine."""
-    return create_app(
-        {"api_key": KEY, "api_keys": OTHER_KEY, "max_new_tokens_limit": 48, "max_prompt_chars": 200},
-        engine_factory=lambda settings: fake_engine,
-    )
+    return make_app(api_keys=OTHER_KEY, max_new_tokens_limit=48, max_prompt_chars=200)
 
 
 @pytest.fixture

@@ -11,9 +11,7 @@ from urllib.parse import urlsplit
 import pytest
 from openapi_spec_validator import validate
 
-from llmapi import create_app
 from llmapi.http.docs import DOC_ENDPOINTS
-from tests.conftest import KEY
 
 HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 
@@ -158,10 +156,8 @@ def test_request_examples_are_accepted(client, auth, spec):
             assert response.status_code == 200, (path, name, response.get_json())
 
 
-def test_request_examples_stay_within_small_limits(fake_engine):
-    app = create_app(
-        {"api_key": KEY, "max_new_tokens_limit": 8, "max_new_tokens_default": 8}, engine_factory=lambda s: fake_engine
-    )
+def test_request_examples_stay_within_small_limits(make_app, fake_engine):
+    app = make_app(fake_engine, max_new_tokens_limit=8, max_new_tokens_default=8)
     body = app.test_client().get("/openapi.json").get_json()
     examples = body["paths"]["/generate"]["post"]["requestBody"]["content"]["application/json"]["examples"]
     assert {example["value"]["max_new_tokens"] for example in examples.values()} == {8}

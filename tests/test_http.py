@@ -7,7 +7,6 @@ from typing import Any
 
 import pytest
 
-from llmapi import create_app
 from llmapi.engine.types import EngineError
 from tests.conftest import KEY, OTHER_KEY
 
@@ -86,8 +85,8 @@ def test_auth_accepts_every_configured_key(client, headers):
     assert client.post("/generate", json={"prompt": "hi", "max_new_tokens": 1}, headers=headers).status_code == 200
 
 
-def test_auth_accepts_a_non_ascii_key_sent_as_utf8(fake_engine):
-    app = create_app({"api_key": "clé-ü"}, engine_factory=lambda s: fake_engine)
+def test_auth_accepts_a_non_ascii_key_sent_as_utf8(make_app, fake_engine):
+    app = make_app(fake_engine, api_key="clé-ü")
     header = "clé-ü".encode().decode("latin-1")  # what the server sees of UTF-8 bytes on the wire
     response = app.test_client().post(
         "/generate", json={"prompt": "hi", "max_new_tokens": 1}, headers={"x-api-key": header}
@@ -249,24 +248,24 @@ class BrokenEngine:
         raise RuntimeError("secret internal detail")
 
 
-def test_unexpected_error_is_500_without_details(caplog):
-    app = create_app({"api_key": KEY}, engine_factory=lambda s: BrokenEngine())
+def test_unexpected_error_is_500_without_details(make_app, caplog):
+    app = make_app(BrokenEngine())
     response = app.test_client().post("/generate", json={"prompt": "hi"}, headers={"x-api-key": KEY})
     error = assert_error(response, 500)
     assert "secret" not in error["message"]
 
 
-def test_engine_error_is_500_generic():
+def test_engine_error_is_500_generic(make_app):
     class Failing(BrokenEngine):
         def submit(self, request):
             raise EngineError("boom inside")
 
-    app = create_app({"api_key": KEY}, engine_factory=lambda s: Failing())
+    app = make_app(Failing())
     error = assert_error(app.test_client().post("/generate", json={"prompt": "hi"}, headers={"x-api-key": KEY}), 500)
     assert "boom" not in error["message"]
 
 
-def test_model_load_failure_is_503_and_retried_later(fake_engine):
+def test_model_load_failure_is_503_and_retried_later(make_app, fake_engine):
     calls = []
 
     def factory(settings):
@@ -275,7 +274,7 @@ def test_model_load_failure_is_503_and_retried_later(fake_engine):
             raise OSError("no such model: nowhere/nothing")
         return fake_engine
 
-    app = create_app({"api_key": KEY, "model_retry_seconds": 0}, engine_factory=factory)
+    app = make_app(model_retry_seconds=0, factory=factory)
     client = app.test_client()
     response = client.post("/generate", json={"prompt": "hi"}, headers={"x-api-key": KEY})
     error = assert_error(response, 503)
@@ -286,14 +285,14 @@ def test_model_load_failure_is_503_and_retried_later(fake_engine):
     assert len(calls) == 2
 
 
-def test_model_load_failure_is_not_retried_within_the_retry_window():
+def test_model_load_failure_is_not_retried_within_the_retry_window(make_app):
     calls = []
 
     def factory(settings):
         calls.append(1)
         raise OSError("nope")
 
-    app = create_app({"api_key": KEY, "model_retry_seconds": 60}, engine_factory=factory)
+    app = make_app(model_retry_seconds=60, factory=factory)
     client = app.test_client()
     for _ in range(3):
         response = client.post("/generate", json={"prompt": "hi"}, headers={"x-api-key": KEY})
@@ -302,7 +301,7 @@ def test_model_load_failure_is_not_retried_within_the_retry_window():
     assert len(calls) == 1
 
 
-def test_concurrent_first_requests_load_once(fake_engine):
+def test_concurrent_first_requests_load_once(make_app, fake_engine):
     import threading
     import time
 
@@ -313,7 +312,7 @@ def test_concurrent_first_requests_load_once(fake_engine):
         time.sleep(0.3)
         return fake_engine
 
-    app = create_app({"api_key": KEY}, engine_factory=slow_factory)
+    app = make_app(factory=slow_factory)
     statuses = []
 
     def hit():
@@ -361,7 +360,7 @@ def test_validation_accepts_good_values(client, auth, extra):
     assert response.status_code == 200, response.get_json()
 
 
-def test_stream_reports_an_engine_failure_in_band(auth, fake_engine):
+def test_stream_reports_an_engine_failure_in_band(make_app, auth, fake_engine):
     class FailingHandle:
         def pieces(self):
             yield " ok"
@@ -376,7 +375,7 @@ def test_stream_reports_an_engine_failure_in_band(auth, fake_engine):
         def submit(self, request):
             return FailingHandle()
 
-    app = create_app({"api_key": KEY}, engine_factory=lambda s: Engine())
+    app = make_app(Engine())
     response = app.test_client().post("/generate", json={"prompt": "hi", "stream": True}, headers=auth)
     assert response.status_code == 200
     events = [json.loads(chunk[len("data: ") :]) for chunk in response.get_data(as_text=True).split("\n\n") if chunk]

@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 
-from llmapi import create_app
 from llmapi.engine.chat import ChatTemplateError, default_template, render
 from llmapi.engine.types import GenerationRequest
 from tests.conftest import KEY
@@ -107,9 +106,9 @@ class Recording:
         return self.engine.render_chat(messages)
 
 
-def test_chat_stream_hang_up_stops_the_real_generation(engine):
+def test_chat_stream_hang_up_stops_the_real_generation(make_app, engine):
     recording = Recording(engine)
-    client = create_app({"api_key": KEY}, engine_factory=lambda s: recording).test_client()
+    client = make_app(recording).test_client()
     body = {"messages": MESSAGES, "max_tokens": 500, "stream": True}
     response = client.post("/v1/chat/completions", json=body, headers={"x-api-key": KEY}, buffered=False)
     chunks = iter(response.response)

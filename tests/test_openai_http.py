@@ -8,11 +8,10 @@ from typing import Any
 
 import pytest
 
-from llmapi import create_app
 from llmapi.config import ConfigError, Settings
 from llmapi.engine.chat import ChatTemplateError, default_template
 from llmapi.engine.types import EngineError, GenerationRequest, GenerationResult
-from llmapi.http.openai.routes import finish_reason
+from llmapi.http.openai.formats import finish_reason
 from tests.conftest import FAKE_CONTEXT, KEY, FakeEngine, FakeHandle
 from tests.test_http import assert_error
 
@@ -22,12 +21,9 @@ CHAT = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user"
 
 
 @pytest.fixture
-def app(fake_engine: FakeEngine):
+def app(make_app, fake_engine: FakeEngine):
     """The app with a served model name, small limits and the fake engine."""
-    return create_app(
-        {"api_key": KEY, "served_model_name": SERVED, "max_new_tokens_limit": 48, "max_prompt_chars": 200},
-        engine_factory=lambda settings: fake_engine,
-    )
+    return make_app(fake_engine, served_model_name=SERVED, max_new_tokens_limit=48, max_prompt_chars=200)
 
 
 def events(response) -> list[Any]:
@@ -76,8 +72,8 @@ def test_openai_models_lists_the_served_model_without_loading(client, app):
     assert not app.extensions["llmapi.engine"].loaded
 
 
-def test_openai_served_name_defaults_to_model_name(fake_engine):
-    app = create_app({"api_key": KEY, "model_name": "org/some-model"}, engine_factory=lambda s: fake_engine)
+def test_openai_served_name_defaults_to_model_name(make_app, fake_engine):
+    app = make_app(fake_engine, model_name="org/some-model")
     client = app.test_client()
     assert client.get("/v1/models", headers=BEARER).get_json()["data"][0]["id"] == "org/some-model"
     assert post(client, "/completions", {"model": "org/some-model", "prompt": "hi"}).status_code == 200
@@ -105,11 +101,11 @@ def test_openai_accepts_x_api_key_too(client):
     assert client.get("/v1/models", headers={"x-api-key": KEY}).status_code == 200
 
 
-def test_openai_model_load_failure_is_503_but_models_answers():
+def test_openai_model_load_failure_is_503_but_models_answers(make_app):
     def broken(settings: Settings) -> FakeEngine:
         raise OSError("no such model")
 
-    client = create_app({"api_key": KEY}, engine_factory=broken).test_client()
+    client = make_app(factory=broken).test_client()
     assert client.get("/v1/models", headers=BEARER).status_code == 200
     response = post(client, "/completions", {"prompt": "hi"})
     assert_error(response, 503)
@@ -173,8 +169,8 @@ def test_openai_echo_prepends_the_prompt(client):
         ({"user": "someone"}, {"timeout_s": 60.0}),
     ],
 )
-def test_openai_completion_maps_parameters_to_the_engine(fake_engine, body, expected):
-    app = create_app({"api_key": KEY}, engine_factory=lambda s: fake_engine)
+def test_openai_completion_maps_parameters_to_the_engine(make_app, fake_engine, body, expected):
+    app = make_app(fake_engine)
     assert post(app.test_client(), "/completions", {"prompt": "hi", **body}).status_code == 200
     request = fake_engine.requests[-1]
     for name, value in expected.items():
@@ -239,8 +235,8 @@ def test_openai_chat_joins_text_parts(client, fake_engine):
         ({}, 40),
     ],
 )
-def test_openai_chat_max_completion_tokens_is_max_tokens(fake_engine, body, tokens):
-    client = create_app({"api_key": KEY}, engine_factory=lambda s: fake_engine).test_client()
+def test_openai_chat_max_completion_tokens_is_max_tokens(make_app, fake_engine, body, tokens):
+    client = make_app(fake_engine).test_client()
     assert post(client, "/chat/completions", {**CHAT, **body}).status_code == 200
     assert fake_engine.requests[-1].max_new_tokens == tokens
 
@@ -273,9 +269,9 @@ class TemplateRefusingEngine(FakeEngine):
         raise ChatTemplateError("Conversation roles must alternate user/assistant/user/assistant/...")
 
 
-def test_openai_chat_template_refusal_is_400():
+def test_openai_chat_template_refusal_is_400(make_app):
     engine = TemplateRefusingEngine()
-    client = create_app({"api_key": KEY}, engine_factory=lambda s: engine).test_client()
+    client = make_app(engine).test_client()
     error = assert_error(post(client, "/chat/completions", CHAT), 400, param="messages")
     assert "alternate" in error["message"]
 
@@ -451,9 +447,9 @@ def test_openai_context_overflow_is_400_with_openai_wording(client, path, body, 
     )
 
 
-def test_openai_overflow_of_a_later_prompt_cancels_the_earlier_ones():
+def test_openai_overflow_of_a_later_prompt_cancels_the_earlier_ones(make_app):
     engine = RecordingEngine()
-    client = create_app({"api_key": KEY}, engine_factory=lambda s: engine).test_client()
+    client = make_app(engine).test_client()
     assert_error(post(client, "/completions", {"prompt": ["short", LONG], "max_tokens": 30}), 400, param="prompt")
     assert len(engine.handles) == 1 and engine.handles[0].cancelled
 
@@ -530,9 +526,9 @@ def test_openai_stream_with_n_and_prompts_carries_every_choice(client):
 
 
 @pytest.mark.parametrize("n", [1, 3])
-def test_openai_stream_error_goes_in_band_then_done(n):
+def test_openai_stream_error_goes_in_band_then_done(make_app, n):
     engine = RecordingEngine(FailingHandle)
-    client = create_app({"api_key": KEY}, engine_factory=lambda s: engine).test_client()
+    client = make_app(engine).test_client()
     *chunks, error, done = events(post(client, "/completions", {"prompt": "hi", "n": n, "stream": True}))
     assert done == "[DONE]"
     assert error["error"]["code"] == 500 and error["error"]["type"] == "server_error"
@@ -540,9 +536,9 @@ def test_openai_stream_error_goes_in_band_then_done(n):
     assert all(handle.cancelled for handle in engine.handles)
 
 
-def test_openai_stream_hang_up_cancels_every_choice():
+def test_openai_stream_hang_up_cancels_every_choice(make_app):
     engine = RecordingEngine()
-    client = create_app({"api_key": KEY}, engine_factory=lambda s: engine).test_client()
+    client = make_app(engine).test_client()
     body = {"messages": CHAT["messages"], "n": 2, "max_tokens": 40, "stream": True}
     response = client.post("/v1/chat/completions", json=body, headers=BEARER, buffered=False)
     next(iter(response.response))

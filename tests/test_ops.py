@@ -12,23 +12,17 @@ from dataclasses import replace
 import pytest
 from flask import request
 
-from llmapi import create_app
 from llmapi.config import ConfigError, Settings
 from llmapi.engine.types import GenerationRequest
 from llmapi.logs import SANE_ID, choose_id
-from llmapi.runtime.admission import describe
+from llmapi.runtime.runner import start
 from llmapi.runtime.service import engine_service
+from llmapi.runtime.tracking import describe
 from tests.conftest import KEY, FakeEngine, FakeHandle
 from tests.ops_helpers import error_of, sample
 
 AUTH = {"x-api-key": KEY}
 HEX_ID = r"[0-9a-f]{32}"
-
-
-def make_app(fake_engine: FakeEngine | None = None, **config):
-    """An app on a fake engine with `config` overrides."""
-    engine = fake_engine or FakeEngine()
-    return create_app({"api_key": KEY, **config}, engine_factory=lambda settings: engine)
 
 
 def generate(client, **body):
@@ -50,11 +44,11 @@ def test_ready_is_503_with_the_reason_until_the_model_loads(client):
     assert response.get_json() == {"status": "ready", "model": "sshleifer/tiny-gpt2"}
 
 
-def test_ready_reports_the_last_load_failure():
+def test_ready_reports_the_last_load_failure(make_app):
     def factory(settings):
         raise OSError("no model files in /models/x")
 
-    app = create_app({"api_key": KEY, "model_retry_seconds": 60}, engine_factory=factory)
+    app = make_app(model_retry_seconds=60, factory=factory)
     client = app.test_client()
     assert generate(client).status_code == 503
     error = error_of(client.get("/ready").get_json(), 503)
@@ -62,14 +56,14 @@ def test_ready_reports_the_last_load_failure():
     assert "no model files in /models/x" in error["message"]
 
 
-def test_ready_with_warmup_starts_the_load_and_says_it_is_loading(fake_engine):
+def test_ready_with_warmup_starts_the_load_and_says_it_is_loading(make_app, fake_engine):
     release = threading.Event()
 
     def slow_factory(settings):
         release.wait(10)
         return fake_engine
 
-    app = create_app({"api_key": KEY, "warmup": True}, engine_factory=slow_factory)
+    app = make_app(warmup=True, factory=slow_factory)
     client = app.test_client()
     first = error_of(client.get("/ready").get_json(), 503)["message"]
     assert "load" in first
@@ -82,7 +76,7 @@ def test_ready_with_warmup_starts_the_load_and_says_it_is_loading(fake_engine):
     assert wait_for(lambda: client.get("/ready").status_code == 200)
 
 
-def test_warmup_retries_a_failed_load_after_the_retry_window(fake_engine):
+def test_warmup_retries_a_failed_load_after_the_retry_window(make_app, fake_engine):
     attempts = []
 
     def factory(settings):
@@ -91,7 +85,7 @@ def test_warmup_retries_a_failed_load_after_the_retry_window(fake_engine):
             raise OSError("not there yet")
         return fake_engine
 
-    app = create_app({"api_key": KEY, "warmup": True, "model_retry_seconds": 0}, engine_factory=factory)
+    app = make_app(warmup=True, model_retry_seconds=0, factory=factory)
     client = app.test_client()
     engine_service_of(app).warm()
     assert wait_for(lambda: engine_service_of(app).failure is not None)
@@ -187,7 +181,7 @@ class TimedEngine(FakeEngine):
         return TimedHandle(request, [" tok"] * request.max_new_tokens)
 
 
-def test_metrics_record_engine_timings():
+def test_metrics_record_engine_timings(make_app):
     client = make_app(TimedEngine()).test_client()
     assert generate(client).status_code == 200
     text = client.get("/metrics").get_data(as_text=True)
@@ -198,11 +192,11 @@ def test_metrics_record_engine_timings():
     assert sample(text, "llmapi_batch_size_bucket", le="4.0") == 1
 
 
-def test_metrics_count_load_failures():
+def test_metrics_count_load_failures(make_app):
     def factory(settings):
         raise OSError("nope")
 
-    client = create_app({"api_key": KEY, "model_retry_seconds": 0}, engine_factory=factory).test_client()
+    client = make_app(model_retry_seconds=0, factory=factory).test_client()
     for _ in range(2):
         assert generate(client).status_code == 503
     text = client.get("/metrics").get_data(as_text=True)
@@ -217,7 +211,7 @@ def test_metrics_are_open_by_default_and_answer_prometheus_text(client):
     assert response.content_type.startswith("text/plain; version=0.0.4")
 
 
-def test_metrics_key_guards_metrics_only():
+def test_metrics_key_guards_metrics_only(make_app):
     client = make_app(metrics_key="scrape-key").test_client()
     error_of(client.get("/metrics").get_json(), 401)
     error_of(client.get("/metrics", headers=AUTH).get_json(), 401)  # an API key is not a metrics key
@@ -229,12 +223,12 @@ def test_metrics_key_guards_metrics_only():
 # Admission
 
 
-def test_overload_is_an_immediate_503_with_retry_after():
+def test_overload_is_an_immediate_503_with_retry_after(make_app):
     app = make_app(threads=3, max_inflight=2)
     client = app.test_client()
     service = engine_service_of(app)
-    with app.app_context():  # two generations that nobody has read yet hold both places
-        held = [service.submit(GenerationRequest(prompt="a", max_new_tokens=1)) for _ in range(2)]
+    with app.app_context():  # two requests whose generations nobody has read yet hold both places
+        held = [start(service, [GenerationRequest(prompt="a", max_new_tokens=1)]).handles[0] for _ in range(2)]
     response = generate(client)
     error = error_of(response.get_json(), 503)
     assert "capacity" in error["message"]
@@ -249,11 +243,11 @@ def test_overload_is_an_immediate_503_with_retry_after():
     assert service.admission.count == 0
 
 
-def test_the_generations_of_one_request_share_its_place():
+def test_the_generations_of_one_request_share_its_place(make_app):
     app = make_app(threads=3, max_inflight=2)
     service = engine_service_of(app)
     with app.app_context():
-        held = service.submit(GenerationRequest(prompt="a", max_new_tokens=1))  # one place taken elsewhere
+        held = start(service, [GenerationRequest(prompt="a", max_new_tokens=1)]).handles[0]  # one place taken elsewhere
     body = {"model": "sshleifer/tiny-gpt2", "prompt": ["one", "two"], "max_tokens": 2, "n": 3}
     response = app.test_client().post("/v1/completions", json=body, headers=AUTH)
     assert response.status_code == 200 and len(response.get_json()["choices"]) == 6
@@ -281,22 +275,16 @@ def test_a_stream_closed_early_is_cancelled_and_frees_its_place(client, app):
     assert sample(text, "llmapi_generations_total", finish_reason="cancelled") == 1
 
 
-def test_a_generation_left_unfinished_by_its_route_is_cancelled_when_the_response_closes(app):
-    @app.route("/leaky")
-    def leaky():
-        engine_service().submit(GenerationRequest(prompt="a", max_new_tokens=1))
-        return "forgot to read it"
-
-    client = app.test_client()
-    response = client.get("/leaky")
+def test_a_stream_closed_before_its_first_event_is_cancelled_and_frees_its_place(client, app):
+    response = generate(client, stream=True)
     assert engine_service_of(app).admission.count == 1
-    response.close()
+    response.close()  # the server closes a response it never iterated when the client is already gone
     assert engine_service_of(app).admission.count == 0
     text = client.get("/metrics").get_data(as_text=True)
     assert sample(text, "llmapi_generations_total", finish_reason="cancelled") == 1
 
 
-def test_engine_errors_free_the_place():
+def test_engine_errors_free_the_place(make_app):
     class Failing(FakeEngine):
         def submit(self, request):
             raise RuntimeError("boom")
@@ -311,7 +299,7 @@ def test_engine_errors_free_the_place():
 
 
 @pytest.mark.parametrize(("hops", "seen"), [(0, "127.0.0.1"), (1, "203.0.113.7"), (2, "198.51.100.2")])
-def test_the_client_address_trusts_exactly_the_configured_proxies(hops, seen):
+def test_the_client_address_trusts_exactly_the_configured_proxies(make_app, hops, seen):
     app = make_app(trusted_proxy_hops=hops)
     addresses = []
     app.after_request(lambda response: addresses.append(request.remote_addr) or response)
@@ -342,7 +330,7 @@ def test_generation_lines_of_v1_streams_carry_the_request_id(app, client):
     assert engine_service_of(app).admission.count == 0
 
 
-def test_json_log_format_writes_one_object_per_line():
+def test_json_log_format_writes_one_object_per_line(make_app):
     client = make_app(log_format="json").test_client()
     stream = capture_llmapi_log()
     client.post("/generate", json={"prompt": "hello", "max_new_tokens": 1}, headers={"X-Request-ID": "rid-1", **AUTH})

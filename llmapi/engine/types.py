@@ -1,10 +1,12 @@
-"""Plain data that crosses between the HTTP side and the engine: requests, results, errors."""
+"""Plain data that crosses between the HTTP side and the engine: requests, results, errors, and the protocols."""
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 
 class EngineError(Exception):
@@ -83,3 +85,20 @@ class GenerationResult:
     def total_tokens(self) -> int:
         """Prompt and completion tokens together."""
         return self.prompt_tokens + self.completion_tokens
+
+
+class Handle(Protocol):
+    """One generation in progress, as every engine hands it out."""
+
+    def pieces(self) -> Iterator[str | GenerationResult]: ...
+    def result(self) -> GenerationResult: ...
+    def cancel(self) -> None: ...
+
+
+class EngineLike(Protocol):
+    """What the runtime uses of an engine (the batching one, the simple one, or a fake in tests)."""
+
+    model_name: str
+
+    def submit(self, request: GenerationRequest) -> Handle: ...
+    def render_chat(self, messages: Sequence[Mapping[str, str]]) -> str: ...

@@ -1,40 +1,105 @@
-"""The API blueprint: POST /generate, loaded with a schema, run on the engine, dumped with a schema."""
+"""POST /generate: its request schema and examples, its output format, and the route (load, answer)."""
 
 from __future__ import annotations
 
-import json
-import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-from flask import Response, current_app
+from flask import Response
 from flask_smorest import Blueprint
+from marshmallow import Schema, ValidationError, fields, validates_schema
+from marshmallow.validate import Length, Range
 
 from llmapi.config import Settings
-from llmapi.engine.types import EngineError, GenerationRequest, GenerationResult
-from llmapi.errors import error_body, from_engine_error
-from llmapi.http import examples
-from llmapi.http.fields import ErrorSchema, GenerateResponseSchema, build
+from llmapi.engine.types import ContextLengthExceeded, GenerationRequest, GenerationResult
+from llmapi.errors import APIError, respond
+from llmapi.http.answer import answer
+from llmapi.http.fields import (
+    MAX_SEED,
+    MAX_STOP_SEQUENCES,
+    ErrorSchema,
+    StopField,
+    StrictBoolean,
+    StrictFloat,
+    StrictInteger,
+    Text,
+    UsageSchema,
+)
 from llmapi.http.hooks import require_api_key, require_json
-from llmapi.runtime.service import HandleLike, engine_service
+from llmapi.http.sse import event_schema, sse
+from llmapi.runtime.runner import Event
 
-log = logging.getLogger(__name__)
-
+# transformers' generate takes any positive temperature; this API follows it up to a bound where sampling is
+# already uniform (OpenAI's /v1 stops at 2, its own documented range: see http/openai/schemas.py).
+MAX_TEMPERATURE = 100.0
+MAX_TOP_K = 1_000_000
+MAX_REPETITION_PENALTY = 100.0
+VALIDATION_STATUS = 422  # this API's answer to a body its schema refuses (/v1 answers 400, as OpenAI does)
 SAMPLING_KEYS = ("temperature", "top_p", "top_k")
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-# One Server-Sent Event (before OpenAPI 3.2, a stream's schema describes each event, as schemathesis reads it).
-SSE_SCHEMA = {
-    "type": "object",
-    "required": ["data"],
-    "properties": {
-        "data": {
-            "type": "string",
-            "description": 'JSON: `{"token": {"text": ...}}` per piece, then the full answer (or an error object)',
-        }
-    },
-    "description": 'Server-Sent Events, answered when the request has `"stream": true`',
-}
+PROMPT = "Artificial Intelligence is"  # the README's curl example
 RETRY_AFTER = {"Retry-After": {"description": "seconds before a retry may succeed", "schema": {"type": "integer"}}}
+SSE_SCHEMA = event_schema('JSON: `{"token": {"text": ...}}` per piece, then the full answer (or an error object)')
+
+
+class GenerateResponseSchema(Schema):
+    """The answer to POST /generate."""
+
+    generated_text = fields.String(
+        required=True, metadata={"description": "prompt + continuation, or the continuation alone"}
+    )
+    finish_reason = fields.String(
+        required=True, metadata={"description": "length, eos, stop or timeout", "example": "length"}
+    )
+    stop_sequence = fields.String(allow_none=True, metadata={"description": "the stop sequence that matched"})
+    usage = fields.Nested(UsageSchema, required=True)
+    model = fields.String(required=True)
+    seed = fields.Integer(allow_none=True, metadata={"description": "the seed used; send it back to reproduce"})
+
+
+def request_schema(settings: Settings) -> type[Schema]:
+    """Make the /generate body's schema with the limits in `settings` baked in (so the OpenAPI spec shows them)."""
+
+    class GenerateRequestSchema(Schema):
+        """The body of POST /generate."""
+
+        prompt = Text(
+            required=True, validate=Length(min=1, max=settings.max_prompt_chars), metadata={"example": PROMPT}
+        )
+        max_new_tokens = StrictInteger(
+            load_default=settings.max_new_tokens_default,
+            validate=Range(min=1, max=settings.max_new_tokens_limit),
+            metadata={"example": 40},
+        )
+        min_new_tokens = StrictInteger(
+            load_default=0,
+            validate=Range(min=0, max=settings.max_new_tokens_limit),
+            metadata={"description": "end-of-sequence is suppressed until this many; must not exceed max_new_tokens"},
+        )
+        do_sample = StrictBoolean(
+            metadata={"description": "sample instead of greedy; implied by temperature, top_p or top_k"}
+        )
+        temperature = StrictFloat(validate=Range(min=0, max=MAX_TEMPERATURE), metadata={"description": "0 = greedy"})
+        top_p = StrictFloat(validate=Range(min=0, max=1, min_inclusive=False))
+        top_k = StrictInteger(validate=Range(min=0, max=MAX_TOP_K), metadata={"description": "0 = no top-k"})
+        repetition_penalty = StrictFloat(
+            load_default=1.0, validate=Range(min=0, max=MAX_REPETITION_PENALTY, min_inclusive=False)
+        )
+        seed = StrictInteger(validate=Range(min=0, max=MAX_SEED), metadata={"description": "fixes the sampling"})
+        stop = StopField(metadata={"description": f"up to {MAX_STOP_SEQUENCES} sequences that end generation"})
+        return_full_text = StrictBoolean(load_default=True, metadata={"description": "prepend the prompt"})
+        timeout_ms = StrictInteger(
+            load_default=settings.timeout_default_ms,
+            validate=Range(min=1, max=settings.timeout_max_ms),
+            metadata={"description": "deadline; on expiry the text so far is returned with finish_reason timeout"},
+        )
+        stream = StrictBoolean(load_default=False, metadata={"description": "answer with Server-Sent Events"})
+
+        @validates_schema
+        def _min_below_max(self, data: dict[str, Any], **kwargs: Any) -> None:
+            if data.get("min_new_tokens", 0) > data.get("max_new_tokens", 0):
+                raise ValidationError("must not exceed max_new_tokens.", "min_new_tokens")
+
+    return GenerateRequestSchema
 
 
 def to_generation_request(args: dict[str, Any]) -> GenerationRequest:
@@ -75,47 +140,81 @@ def generate_body(result: GenerationResult, args: dict[str, Any]) -> dict[str, A
     }
 
 
-def sse(data: dict[str, Any]) -> str:
-    """Format one Server-Sent Event."""
-    return f"data: {json.dumps(data)}\n\n"
+class GenerateFormat:
+    """How /generate writes its one result: a body, or a token event per piece and then the body."""
 
+    done = None  # the last event is the full answer; nothing follows it
+    _response = GenerateResponseSchema()
 
-def stream_events(handle: HandleLike, args: dict[str, Any]) -> Iterator[str]:
-    """Yield a token event per text piece, then the full answer; errors go in-band; hang-ups cancel."""
-    try:
-        for item in handle.pieces():
+    def __init__(self, args: dict[str, Any]) -> None:
+        self.args = args
+
+    def body(self, results: Sequence[GenerationResult]) -> dict[str, Any]:
+        """The answer of the request's one generation."""
+        return generate_body(results[0], self.args)
+
+    def events(self, events: Iterator[Event]) -> Iterator[dict[str, Any]]:
+        """A `{"token": {"text": ...}}` event per piece, then the full answer."""
+        for _, item in events:
             if isinstance(item, GenerationResult):
-                yield sse(GenerateResponseSchema().dump(generate_body(item, args)))
-                return
-            yield sse({"token": {"text": item}})
-    except EngineError as exc:
-        failure = from_engine_error(exc)
-        yield sse(error_body(failure.message, status=failure.status, param=failure.param))
-    except Exception:
-        log.exception("stream failed")
-        yield sse(error_body("The server had an unexpected error.", status=500))
-    finally:
-        # Runs on normal end and when the server closes the generator because the client went away.
-        handle.cancel()
+                yield self._response.dump(self.body([item]))
+            else:
+                yield {"token": {"text": item}}
 
 
-def settings() -> Settings:
-    """The current app's settings."""
-    return current_app.config["LLMAPI_SETTINGS"]
+def context_too_long(exc: ContextLengthExceeded) -> Response:
+    """This API's answer to a prompt plus max_new_tokens that do not fit the model."""
+    return respond(APIError(str(exc), status=422, param="max_new_tokens"))
 
 
-def create_blueprint(app_settings: Settings) -> Blueprint:
-    """Build the generation blueprint with the request limits of `app_settings`."""
-    schemas = build(app_settings)
+def request_examples(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Named POST /generate bodies; the first, the README's curl example, is what Try it out starts with."""
+    tokens = min(40, settings.max_new_tokens_limit)
+    bodies = {
+        "readme": ("The README's curl example", {"prompt": PROMPT, "max_new_tokens": tokens}),
+        "sampled": (
+            "Sampled and reproducible (send the same seed again)",
+            {"prompt": PROMPT, "max_new_tokens": tokens, "temperature": 0.8, "top_p": 0.95, "seed": 42},
+        ),
+        "stop": (
+            "Stop at a sequence",
+            {"prompt": "Q: What is AI?\nA:", "max_new_tokens": tokens, "stop": ["\n", "Q:"]},
+        ),
+        "stream": ("Streamed as Server-Sent Events", {"prompt": PROMPT, "max_new_tokens": tokens, "stream": True}),
+    }
+    return {name: {"summary": summary, "value": value} for name, (summary, value) in bodies.items()}
+
+
+def response_example() -> dict[str, Any]:
+    """A POST /generate answer."""
+    return {
+        "generated_text": PROMPT + " a field of computer science that",
+        "finish_reason": "length",
+        "stop_sequence": None,
+        "usage": {"prompt_tokens": 3, "completion_tokens": 6, "total_tokens": 9},
+        "model": "models/tiny-gpt2",
+        "seed": None,
+    }
+
+
+def stream_example() -> str:
+    """A streamed POST /generate answer: a token event per piece, then the full answer."""
+    pieces = [" a", " field", " of", " computer", " science", " that"]
+    return "".join(sse(event) for event in [{"token": {"text": piece}} for piece in pieces] + [response_example()])
+
+
+def create_blueprint(settings: Settings) -> Blueprint:
+    """Build the /generate blueprint with the request limits of `settings`."""
     blp = Blueprint("generation", __name__, description="Text generation with the served model.")
     blp.before_request(require_api_key)
     blp.before_request(require_json)
+    blp.register_error_handler(ContextLengthExceeded, context_too_long)
 
     @blp.route("/generate", methods=["POST"])
     # An instance, not the class: webargs would otherwise build (and deep-copy the fields of) one per request.
-    @blp.arguments(schemas.generate(), examples=examples.generate_requests(app_settings))
-    @blp.response(200, GenerateResponseSchema, example=examples.generate_response())
-    @blp.alt_response(200, schema=SSE_SCHEMA, content_type="text/event-stream", example=examples.generate_stream())
+    @blp.arguments(request_schema(settings)(), error_status_code=VALIDATION_STATUS, examples=request_examples(settings))
+    @blp.response(200, GenerateResponseSchema, example=response_example())
+    @blp.alt_response(200, schema=SSE_SCHEMA, content_type="text/event-stream", example=stream_example())
     @blp.alt_response(422, schema=ErrorSchema, description="Invalid parameters or too long for the context")
     @blp.alt_response(503, schema=ErrorSchema, description="Model unavailable", headers=RETRY_AFTER)
     def generate(args: dict[str, Any]) -> Any:
@@ -124,9 +223,6 @@ def create_blueprint(app_settings: Settings) -> Blueprint:
         With `"stream": true` the answer is `text/event-stream`: one `{"token": {"text": ...}}` event per
         piece of text, then one event with the full answer (the 200 body below).
         """
-        handle = engine_service().submit(to_generation_request(args))
-        if args["stream"]:
-            return Response(stream_events(handle, args), mimetype="text/event-stream", headers=SSE_HEADERS)
-        return generate_body(handle.result(), args)
+        return answer([to_generation_request(args)], GenerateFormat(args), stream=args["stream"])
 
     return blp

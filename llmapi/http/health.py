@@ -3,10 +3,25 @@
 from __future__ import annotations
 
 from flask_smorest import Blueprint
+from marshmallow import Schema, fields
 
 from llmapi.errors import APIError
-from llmapi.http.fields import ErrorSchema, HealthSchema, ReadySchema
+from llmapi.http.fields import ErrorSchema
 from llmapi.runtime.service import engine_service
+
+
+class HealthSchema(Schema):
+    """The liveness answer."""
+
+    status = fields.String(required=True, metadata={"example": "ok"})
+
+
+class ReadySchema(Schema):
+    """The readiness answer."""
+
+    status = fields.String(required=True, metadata={"example": "ready"})
+    model = fields.String(required=True, metadata={"description": "the model this worker has loaded"})
+
 
 blp = Blueprint("health", __name__, description="Probes for load balancers and orchestrators.")
 

@@ -1,4 +1,4 @@
-"""The per-process engine as a Flask extension: created lazily, once, on the first generate."""
+"""The per-process engine as a Flask extension: loaded lazily, once, by the first admitted generation."""
 
 from __future__ import annotations
 
@@ -6,36 +6,18 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Protocol
 
 from flask import Flask, current_app
 
 from llmapi.config import Settings
-from llmapi.engine.types import GenerationRequest, GenerationResult, ModelUnavailable
+from llmapi.engine.types import EngineLike, ModelUnavailable
 from llmapi.metrics import Metrics
-from llmapi.runtime.admission import Admission, TrackedHandle
+from llmapi.runtime.admission import Admission
 
 log = logging.getLogger(__name__)
 EXTENSION = "llmapi.engine"
-
-
-class HandleLike(Protocol):
-    """What the HTTP side uses of a generation in progress."""
-
-    def pieces(self) -> Any: ...
-    def result(self) -> GenerationResult: ...
-    def cancel(self) -> None: ...
-
-
-class EngineLike(Protocol):
-    """What the HTTP side uses of an engine (the real one, or a fake in tests)."""
-
-    model_name: str
-
-    def submit(self, request: GenerationRequest) -> HandleLike: ...
-    def render_chat(self, messages: Sequence[Mapping[str, str]]) -> str: ...
 
 
 EngineFactory = Callable[[Settings], EngineLike]
@@ -102,22 +84,10 @@ class EngineService:
                 raise self._failure
             return self._load()
 
-    def submit(self, request: GenerationRequest) -> HandleLike:
-        """Start a generation on this process's engine (every generation route goes through here).
-
-        Admission control and metrics live here, so that every route gets them: beyond this worker's
-        limit a request gets a 503 at once (the generations of one request share its place), and the
-        handle records its generation when it ends.
-        """
-        slot = self.admission.admit()
-        try:
-            with self._waiting():
-                engine = self.get()
-            handle = engine.submit(request)
-        except BaseException:
-            slot.release()
-            raise
-        return TrackedHandle(handle, request, slot, self.metrics, log_prompts=self.settings.log_prompts)
+    def engine(self) -> EngineLike:
+        """Return the engine for an admitted request, counted as waiting while the model loads."""
+        with self._waiting():
+            return self.get()
 
     @contextmanager
     def _waiting(self) -> Iterator[None]:
@@ -147,10 +117,6 @@ class EngineService:
     def _retry_pending(self) -> bool:
         """Whether the last load failed less than MODEL_RETRY_SECONDS ago."""
         return self._failure is not None and time.monotonic() - self._failed_at < self.settings.model_retry_seconds
-
-    def render_chat(self, messages: Sequence[Mapping[str, str]]) -> str:
-        """Render chat messages into a prompt with this process's model (loading it if needed)."""
-        return self.get().render_chat(messages)
 
     def _load(self) -> EngineLike:
         """Load the model under the lock, remembering a failure."""

@@ -20,23 +20,13 @@ from llmapi.http.fields import (
     UsageSchema,
     is_text,
 )
+from llmapi.http.sse import event_schema
 
 MAX_MESSAGES = 256
 MAX_MODEL_CHARS = 256
 MAX_USER_CHARS = 256
-MAX_TEMPERATURE = 2.0  # OpenAI's range
-# One Server-Sent Event of a /v1 stream (before OpenAPI 3.2, a stream's schema describes each event).
-CHUNK_EVENT_SCHEMA = {
-    "type": "object",
-    "required": ["data"],
-    "properties": {
-        "data": {
-            "type": "string",
-            "description": "JSON: a chunk (or an error object), or `[DONE]` at the end",
-        }
-    },
-    "description": 'Server-Sent Events, answered when the request has `"stream": true`',
-}
+MAX_TEMPERATURE = 2.0  # OpenAI's documented range (/generate follows transformers' wider one)
+CHUNK_EVENT_SCHEMA = event_schema("JSON: a chunk (or an error object), or `[DONE]` at the end")
 
 
 def same(value: Any, neutral: Any) -> bool:
