@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import logging
 import os
 import signal
 import socket
@@ -108,6 +110,21 @@ def client(app):
 
 
 @pytest.fixture
+def llmapi_log(app) -> Iterator[io.StringIO]:
+    """Point llmapi's log handler at a fresh buffer; put its stream, format, level and propagation back after."""
+    logger = logging.getLogger("llmapi")
+    (handler,) = [h for h in logger.handlers if getattr(h, "llmapi", False)]
+    saved = handler.stream, handler.formatter, logger.level, logger.propagate
+    stream = io.StringIO()
+    handler.setStream(stream)
+    yield stream
+    handler.setStream(saved[0])
+    handler.setFormatter(saved[1])
+    logger.setLevel(saved[2])
+    logger.propagate = saved[3]
+
+
+@pytest.fixture
 def auth() -> dict[str, str]:
     """Headers carrying a valid key."""
     return {"x-api-key": KEY}
@@ -202,28 +219,47 @@ def server_env(**env: str) -> dict[str, str]:
     return {**base, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **env}
 
 
+def launch(log_dir: Path, *, wait: bool = True, app: str = "wsgi:app", **env: str) -> Server:
+    """Start gunicorn with `gunicorn.conf.py` on a free loopback port, logging into `log_dir`."""
+    port = free_port()
+    defaults = {"API_KEY": KEY, "WEB_CONCURRENCY": "2", "GUNICORN_THREADS": "4"}
+    env = server_env(**{**defaults, **env, "BIND": f"127.0.0.1:{port}"})
+    log_path = log_dir / f"gunicorn-{port}.log"
+    with log_path.open("wb") as log_file:  # the child keeps its own descriptor
+        cmd = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", app]
+        process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    server = Server(process, f"http://127.0.0.1:{port}", log_path)
+    if wait:
+        try:
+            wait_for_health(server.url, process)
+        except BaseException:
+            server.stop()
+            raise
+    return server
+
+
 @pytest.fixture
 def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
-    """Start real gunicorn processes with `gunicorn.conf.py`; all are stopped at teardown."""
+    """Start real gunicorn processes (see launch); all are stopped at teardown."""
     servers: list[Server] = []
 
-    def start(*, wait: bool = True, **env: str) -> Server:
-        port = free_port()
-        defaults = {"API_KEY": KEY, "WEB_CONCURRENCY": "2", "GUNICORN_THREADS": "4"}
-        env = server_env(**{**defaults, **env, "BIND": f"127.0.0.1:{port}"})
-        log_path = tmp_path / f"gunicorn-{port}.log"
-        log_file = log_path.open("wb")
-        cmd = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"]
-        process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-        server = Server(process, f"http://127.0.0.1:{port}", log_path)
-        servers.append(server)
-        if wait:
-            wait_for_health(server.url, process)
-        return server
+    def start(**options: Any) -> Server:
+        servers.append(launch(tmp_path, **options))
+        return servers[-1]
 
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def server(request: pytest.FixtureRequest, tiny_model: str, tmp_path_factory: pytest.TempPathFactory):
+    """One gunicorn on the tiny model for a whole module, configured by the module's SERVER_ENV."""
+    env = {"MODEL_NAME": tiny_model, **getattr(request.module, "SERVER_ENV", {})}
+    running = launch(tmp_path_factory.mktemp("server"), **env)
+    running.wait_workers(int(env.get("WEB_CONCURRENCY", "2")))
+    yield running
+    running.stop()
 
 
 def run_concurrently(func: Callable[[int], Any], count: int) -> list[Any]:

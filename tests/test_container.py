@@ -202,15 +202,13 @@ def test_dockerfile_builds_on_slim_python_and_cpu_torch_pinned_as_setup_cfg():
 
 def test_dockerfile_installs_dependencies_before_the_source():
     build = stages()[0]
-    copies = values(build, "COPY")
-    deps = next(i for i, item in enumerate(build) if item == ("COPY", "setup.cfg pyproject.toml ./"))
-    source = build.index(("COPY", "llmapi ./llmapi"))
+    copies = [(i, value.split()) for i, (name, value) in enumerate(build) if name == "COPY"]
+    # The metadata alone first, so that a change to the source reuses the cached dependency layer.
+    deps = next(i for i, words in copies if "setup.cfg" in words[:-1])
+    source = next(i for i, words in copies if any(word.rstrip("/") == "llmapi" for word in words[:-1]))
     assert deps < source
-    assert any("pip install --no-cache-dir ." in value for name, value in build[deps:source] if name == "RUN")
-    assert [c for c in copies if c.startswith("llmapi")] == [
-        "llmapi/build_model.py /tmp/build_model.py",
-        "llmapi ./llmapi",
-    ]
+    assert not any(word.startswith("llmapi") for word in dict(copies)[deps][:-1])
+    assert any("pip install" in value for name, value in build[deps:source] if name == "RUN")
 
 
 def test_dockerfile_leaves_no_pip_cache_and_no_build_stage_in_the_image():
@@ -220,11 +218,9 @@ def test_dockerfile_leaves_no_pip_cache_and_no_build_stage_in_the_image():
     assert any("--out /opt/llmapi/models/" in run for run in values(stages()[0], "RUN"))
     final = runtime()
     assert not any("pip" in run or "apt-get" in run for run in values(final, "RUN"))
-    assert values(final, "COPY") == [
-        "--from=build /opt/venv /opt/venv",
-        "--from=build /opt/llmapi /opt/llmapi",
-        "gunicorn.conf.py wsgi.py ./",
-    ]
+    # The image gets the built environment and models from the build stage, and only its two entry files besides.
+    local = [value.split()[:-1] for value in values(final, "COPY") if not value.startswith("--from=build ")]
+    assert [name for names in local for name in names] == ["gunicorn.conf.py", "wsgi.py"]
 
 
 def test_dockerfile_runs_as_a_numeric_non_root_user():

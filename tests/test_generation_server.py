@@ -18,31 +18,8 @@ pytestmark = pytest.mark.slow
 SAMPLED = {"prompt": "Once upon a time", "max_new_tokens": 24, "temperature": 0.9, "top_p": 0.95, "seed": 1234}
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model, tmp_path_factory):
-    """One gunicorn (2 workers) for the module: the tests here only read from it."""
-    from tests.conftest import Server, free_port, server_env, wait_for_health  # noqa: I001
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
-
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("gen") / "gunicorn.log"
-    # 37 threads: one worker may admit all 36 concurrent requests below (admission control answers 503 beyond).
-    env = server_env(
-        API_KEY=KEY, MODEL_NAME=tiny_model, BIND=f"127.0.0.1:{port}", WEB_CONCURRENCY="2", GUNICORN_THREADS="37"
-    )
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
-            cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    srv = Server(process, f"http://127.0.0.1:{port}", log_path)
-    wait_for_health(srv.url, process)
-    srv.wait_workers(2)
-    yield srv
-    srv.stop()
+# Two workers; 37 threads, so that one worker may admit all 36 concurrent requests below (503 beyond).
+SERVER_ENV = {"WEB_CONCURRENCY": "2", "GUNICORN_THREADS": "37"}
 
 
 def test_seed_gives_the_same_text_under_concurrent_load(server):

@@ -248,11 +248,13 @@ class BrokenEngine:
         raise RuntimeError("secret internal detail")
 
 
-def test_unexpected_error_is_500_without_details(make_app, caplog):
+def test_unexpected_error_is_500_without_details_and_logged_with_its_traceback(make_app, llmapi_log):
     app = make_app(BrokenEngine())
     response = app.test_client().post("/generate", json={"prompt": "hi"}, headers={"x-api-key": KEY})
     error = assert_error(response, 500)
     assert "secret" not in error["message"]
+    logged = llmapi_log.getvalue()
+    assert "unhandled error" in logged and "RuntimeError: secret internal detail" in logged
 
 
 def test_engine_error_is_500_generic(make_app):

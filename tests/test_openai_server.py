@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from collections.abc import Iterator
 
 import openai
 import pytest
 
 from llmapi.engine.chat import default_template
-from tests.conftest import KEY, ROOT, Server, free_port, run_concurrently, server_env, wait_for_health
+from tests.conftest import KEY, Server, run_concurrently
 
 pytestmark = pytest.mark.slow
 
@@ -21,27 +20,8 @@ MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "conten
 GREEDY_STREAM = {"model": SERVED, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """One gunicorn (2 workers) for the whole module, so the model loads once per worker."""
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("openai") / "gunicorn.log"
-    env = {"API_KEY": KEY, "MODEL_NAME": tiny_model, "SERVED_MODEL_NAME": SERVED, "BIND": f"127.0.0.1:{port}"}
-    env.update(WEB_CONCURRENCY="2", GUNICORN_THREADS="9")  # one worker may admit all 8 concurrent requests below
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
-            cwd=ROOT,
-            env=server_env(**env),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    running = Server(process, f"http://127.0.0.1:{port}", log_path)
-    try:
-        wait_for_health(running.url, process)
-        yield running
-    finally:
-        running.stop()
+# Two workers; 9 threads, so that one worker may admit all 8 concurrent requests below.
+SERVER_ENV = {"SERVED_MODEL_NAME": SERVED, "WEB_CONCURRENCY": "2", "GUNICORN_THREADS": "9"}
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import io
 import json
-import logging
+import re
 import threading
 import time
 from dataclasses import replace
@@ -14,7 +13,7 @@ from flask import request
 
 from llmapi.config import ConfigError, Settings
 from llmapi.engine.types import GenerationRequest
-from llmapi.logs import SANE_ID, choose_id
+from llmapi.logs import SANE_ID
 from llmapi.runtime.runner import start
 from llmapi.runtime.service import engine_service
 from llmapi.runtime.tracking import describe
@@ -140,9 +139,11 @@ def test_every_answer_carries_a_request_id(client, method, path, headers, status
     assert response.headers["X-Request-ID"]
 
 
-def test_new_request_ids_are_unique():
-    ids = {choose_id(None) for _ in range(1000)}
-    assert len(ids) == 1000
+def test_a_request_without_an_id_gets_a_new_one_in_its_answer_and_its_log_line(client, llmapi_log):
+    first, second = (generate(client).headers["X-Request-ID"] for _ in range(2))
+    assert re.fullmatch(HEX_ID, first) and re.fullmatch(HEX_ID, second) and first != second
+    ended = [line for line in llmapi_log.getvalue().splitlines() if "generation ended" in line]
+    assert [f"[{first}]" in ended[0], f"[{second}]" in ended[1]] == [True, True], ended
 
 
 # Metrics
@@ -311,8 +312,8 @@ def test_the_client_address_trusts_exactly_the_configured_proxies(make_app, hops
 # Logs
 
 
-def test_log_lines_carry_the_request_id_and_no_prompt_by_default(app, client):
-    stream = capture_llmapi_log()
+def test_log_lines_carry_the_request_id_and_no_prompt_by_default(app, client, llmapi_log):
+    stream = llmapi_log
     generate(client, prompt="a secret prompt", max_new_tokens=1)
     client.post("/generate", json={"prompt": "x"}, headers={"X-Request-ID": "req-42", **AUTH})
     lines = stream.getvalue().splitlines()
@@ -320,8 +321,8 @@ def test_log_lines_carry_the_request_id_and_no_prompt_by_default(app, client):
     assert not any("secret prompt" in line or KEY in line for line in lines)
 
 
-def test_generation_lines_of_v1_streams_carry_the_request_id(app, client):
-    stream = capture_llmapi_log()
+def test_generation_lines_of_v1_streams_carry_the_request_id(app, client, llmapi_log):
+    stream = llmapi_log
     body = {"model": "sshleifer/tiny-gpt2", "prompt": "hi", "max_tokens": 2, "n": 2, "stream": True}
     response = client.post("/v1/completions", json=body, headers={"X-Request-ID": "v1-stream-1", **AUTH})
     assert response.status_code == 200 and response.get_data(as_text=True).endswith("data: [DONE]\n\n")
@@ -330,30 +331,21 @@ def test_generation_lines_of_v1_streams_carry_the_request_id(app, client):
     assert engine_service_of(app).admission.count == 0
 
 
-def test_json_log_format_writes_one_object_per_line(make_app):
+def test_json_log_format_writes_one_object_per_line(make_app, llmapi_log):
     client = make_app(log_format="json").test_client()
-    stream = capture_llmapi_log()
+    stream = llmapi_log
     client.post("/generate", json={"prompt": "hello", "max_new_tokens": 1}, headers={"X-Request-ID": "rid-1", **AUTH})
     entries = [json.loads(line) for line in stream.getvalue().splitlines()]
     ended = [e for e in entries if "generation ended" in e["message"]]
     assert len(ended) == 1
     assert ended[0]["request_id"] == "rid-1"
     assert set(ended[0]) >= {"time", "level", "logger", "pid", "message"}
-    make_app()  # back to text for the tests that follow
 
 
 def test_log_prompts_puts_the_prompt_in_the_generation_line():
     request = GenerationRequest(prompt="tell me", max_new_tokens=3)
     assert "tell me" not in describe("length", None, request, log_prompts=False)
     assert "prompt='tell me'" in describe("length", None, request, log_prompts=True)
-
-
-def capture_llmapi_log() -> io.StringIO:
-    """Point llmapi's log handler at a fresh buffer and return it."""
-    stream = io.StringIO()
-    (handler,) = [h for h in logging.getLogger("llmapi").handlers if getattr(h, "llmapi", False)]
-    handler.setStream(stream)
-    return stream
 
 
 # Settings
