@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -147,6 +148,38 @@ def engine(tiny_model: str):
     from llmapi.engine import create_engine
 
     return create_engine(tiny_model, threads=1, max_batch_size=8, batch_wait_ms=5)
+
+
+@pytest.fixture(scope="session")
+def sharp(tiny_model: str, tmp_path_factory: pytest.TempPathFactory):
+    """An engine on a small random GPT-2 whose greedy text depends on positions and masks.
+
+    The tiny model's two-wide hidden state barely notices a wrong position or mask; this one (64 wide, weights
+    drawn 15x wider than GPT-2's initialisation) changes its argmax when either is off, while its top logits stay
+    far enough apart that batched rounding cannot swap them.
+    """
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from llmapi.engine import create_engine
+
+    path = Path(tmp_path_factory.mktemp("sharp-gpt2"))
+    for item in Path(tiny_model).iterdir():
+        if item.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(item, path)
+    tiny_config = GPT2Config.from_pretrained(tiny_model)
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=tiny_config.vocab_size,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        initializer_range=0.3,
+        bos_token_id=tiny_config.bos_token_id,
+        eos_token_id=tiny_config.eos_token_id,
+    )
+    GPT2LMHeadModel(config).save_pretrained(path)
+    return create_engine(str(path), threads=1, max_batch_size=8, batch_wait_ms=5)
 
 
 def free_port() -> int:

@@ -63,3 +63,34 @@ def test_threads_per_worker_divides_the_cores(monkeypatch):
 def test_every_setting_is_documented():
     for name, _default, doc in documented():
         assert name.isupper() and doc
+
+
+@pytest.mark.parametrize(
+    ("env", "name"),
+    [
+        ({"GUNICORN_THREADS": "1"}, "GUNICORN_THREADS"),
+        ({"GUNICORN_THREADS": "4", "MAX_INFLIGHT_REQUESTS": "4"}, "MAX_INFLIGHT_REQUESTS"),
+        ({"MAX_INFLIGHT_REQUESTS": "-1"}, "MAX_INFLIGHT_REQUESTS"),
+        ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
+        ({"TRUSTED_PROXY_HOPS": "-1"}, "TRUSTED_PROXY_HOPS"),
+        ({"WARMUP": "maybe"}, "WARMUP"),
+    ],
+)
+def test_operations_settings_are_checked(env, name):
+    with pytest.raises(ConfigError, match=name):
+        Settings.from_env({"API_KEY": "k", **env})
+
+
+def test_admission_limit_defaults_to_one_below_the_threads():
+    assert Settings.from_env({"API_KEY": "k", "GUNICORN_THREADS": "6"}).admission_limit == 5
+    assert Settings.from_env({"API_KEY": "k", "MAX_INFLIGHT_REQUESTS": "3"}).admission_limit == 3
+
+
+def test_openai_settings_come_from_the_environment():
+    settings = Settings.from_env({"API_KEY": "k", "SERVED_MODEL_NAME": "gpt2", "OPENAI_MAX_CHOICES": "3"})
+    assert (settings.served_model, settings.openai_max_choices) == ("gpt2", 3)
+
+
+def test_openai_max_choices_must_be_positive():
+    with pytest.raises(ConfigError, match="OPENAI_MAX_CHOICES"):
+        Settings.from_env({"API_KEY": "k", "OPENAI_MAX_CHOICES": "0"})

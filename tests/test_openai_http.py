@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from llmapi.config import ConfigError, Settings
+from llmapi.config import Settings
 from llmapi.engine.chat import ChatTemplateError, default_template
 from llmapi.engine.types import EngineError, GenerationRequest, GenerationResult
 from llmapi.http.openai.formats import finish_reason
@@ -452,19 +452,6 @@ def test_openai_overflow_of_a_later_prompt_cancels_the_earlier_ones(make_app):
     client = make_app(engine).test_client()
     assert_error(post(client, "/completions", {"prompt": ["short", LONG], "max_tokens": 30}), 400, param="prompt")
     assert len(engine.handles) == 1 and engine.handles[0].cancelled
-
-
-# --- settings ---
-
-
-def test_openai_settings_come_from_the_environment():
-    settings = Settings.from_env({"API_KEY": "k", "SERVED_MODEL_NAME": "gpt2", "OPENAI_MAX_CHOICES": "3"})
-    assert (settings.served_model, settings.openai_max_choices) == ("gpt2", 3)
-
-
-def test_openai_max_choices_must_be_positive():
-    with pytest.raises(ConfigError, match="OPENAI_MAX_CHOICES"):
-        Settings.from_env({"API_KEY": "k", "OPENAI_MAX_CHOICES": "0"})
 
 
 # --- finish reasons ---

@@ -11,7 +11,6 @@ from dataclasses import replace
 import pytest
 from flask import request
 
-from llmapi.config import ConfigError, Settings
 from llmapi.engine.types import GenerationRequest
 from llmapi.logs import SANE_ID
 from llmapi.runtime.runner import start
@@ -346,27 +345,3 @@ def test_log_prompts_puts_the_prompt_in_the_generation_line():
     request = GenerationRequest(prompt="tell me", max_new_tokens=3)
     assert "tell me" not in describe("length", None, request, log_prompts=False)
     assert "prompt='tell me'" in describe("length", None, request, log_prompts=True)
-
-
-# Settings
-
-
-@pytest.mark.parametrize(
-    ("env", "name"),
-    [
-        ({"GUNICORN_THREADS": "1"}, "GUNICORN_THREADS"),
-        ({"GUNICORN_THREADS": "4", "MAX_INFLIGHT_REQUESTS": "4"}, "MAX_INFLIGHT_REQUESTS"),
-        ({"MAX_INFLIGHT_REQUESTS": "-1"}, "MAX_INFLIGHT_REQUESTS"),
-        ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
-        ({"TRUSTED_PROXY_HOPS": "-1"}, "TRUSTED_PROXY_HOPS"),
-        ({"WARMUP": "maybe"}, "WARMUP"),
-    ],
-)
-def test_operations_settings_are_checked(env, name):
-    with pytest.raises(ConfigError, match=name):
-        Settings.from_env({"API_KEY": "k", **env})
-
-
-def test_admission_limit_defaults_to_one_below_the_threads():
-    assert Settings.from_env({"API_KEY": "k", "GUNICORN_THREADS": "6"}).admission_limit == 5
-    assert Settings.from_env({"API_KEY": "k", "MAX_INFLIGHT_REQUESTS": "3"}).admission_limit == 3
