@@ -89,8 +89,7 @@ def wsgi_call(app: Any, body: bytes, path: str = "/generate") -> Callable[[], An
 def measure(model: str | None, count: int) -> dict[str, float]:
     """Microseconds per request for the whole app and for its parts."""
     from llmapi import create_app
-    from llmapi.http.fields import GenerateResponseSchema, build
-    from llmapi.http.generate import generate_body, to_generation_request
+    from llmapi.http.generate import GenerateResponseSchema, generate_body, request_schema, to_generation_request
 
     app = create_app({"api_key": KEY}, engine_factory=lambda settings: InstantEngine())
     quiet = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
@@ -98,7 +97,7 @@ def measure(model: str | None, count: int) -> dict[str, float]:
         if isinstance(handler, logging.StreamHandler):
             handler.setStream(quiet)
     body = json.dumps(BODY).encode()
-    schema_class = build(app.config["LLMAPI_SETTINGS"]).generate
+    schema_class = request_schema(app.config["LLMAPI_SETTINGS"])
     schema = schema_class()
     args = schema.load(json.loads(body))
     result = InstantHandle(to_generation_request(args)).result()

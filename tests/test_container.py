@@ -388,6 +388,20 @@ def test_compose_validator_rejects_a_broken_file(tmp_path):
     assert "stop_grace_period" in result.stderr or "restart" in result.stderr
 
 
+# The top-level keys docker-compose 1.29's schema (compose/config/compose_spec.json) allows, besides `x-` ones.
+COMPOSE_1_29_TOP_LEVEL = {"version", "services", "networks", "volumes", "secrets", "configs"}
+
+
+def test_compose_main_file_is_one_docker_compose_1_29_reads():
+    import yaml
+
+    model = yaml.safe_load(COMPOSE.read_text())  # a tag such as v2.24's !reset would not load here either
+    extra = {key for key in model if key not in COMPOSE_1_29_TOP_LEVEL and not key.startswith("x-")}
+    assert extra == set(), f"docker-compose 1.29 rejects top-level {sorted(extra)}"
+    assert "!reset" in COMPOSE_SCALE.read_text()  # the scale file needs v2.24+, as its header says
+    assert "v2.24" in COMPOSE_SCALE.read_text().split("services:")[0]
+
+
 @pytest.mark.slow
 def test_compose_defaults_build_the_image_and_publish_port_8000(tmp_path):
     service = compose_services(tmp_path, COMPOSE)["llmapi"]

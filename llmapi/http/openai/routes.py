@@ -8,6 +8,7 @@ from typing import Any
 
 from flask import Response, request
 from flask_smorest import Blueprint
+from marshmallow import Schema
 
 from llmapi.config import Settings
 from llmapi.engine.chat import ChatTemplateError
@@ -116,11 +117,19 @@ def create_blueprint(settings: Settings) -> Blueprint:
     blp.before_request(require_json)
     register_errors(blp)
 
-    def documented(view: Any) -> Any:
-        """Document the error answers of a generation route."""
-        for status, description in ERRORS:
-            view = blp.alt_response(status, schema=ErrorSchema, description=description)(view)
-        return view
+    def generation_route(path: str, schema: Schema, response: type[Schema], example: dict[str, Any]) -> Any:
+        """Register a POST generation route: its body's schema, its answers (a body or a stream), its errors."""
+
+        def register(view: Any) -> Any:
+            for status, description in ERRORS:
+                view = blp.alt_response(status, schema=ErrorSchema, description=description)(view)
+            view = blp.alt_response(200, schema=CHUNK_EVENT_SCHEMA, content_type="text/event-stream")(view)
+            view = blp.response(200, response)(view)
+            # An instance, not a class: webargs would otherwise build (and deep-copy the fields of) one per request.
+            view = blp.arguments(schema, error_status_code=VALIDATION_STATUS, example=example)(view)
+            return blp.route(path, methods=["POST"])(view)
+
+        return register
 
     @blp.route("/models", methods=["GET"])
     @blp.response(200, ModelListSchema)
@@ -129,12 +138,7 @@ def create_blueprint(settings: Settings) -> Blueprint:
         """List the served model (loads nothing)."""
         return {"object": "list", "data": [card]}
 
-    @blp.route("/completions", methods=["POST"])
-    # Instances, not classes: webargs would otherwise build (and deep-copy the fields of) one per request.
-    @blp.arguments(schemas.completion(), error_status_code=VALIDATION_STATUS, example=examples["completion"])
-    @blp.response(200, CompletionResponseSchema)
-    @blp.alt_response(200, schema=CHUNK_EVENT_SCHEMA, content_type="text/event-stream")
-    @documented
+    @generation_route("/completions", schemas.completion(), CompletionResponseSchema, examples["completion"])
     def completions(args: dict[str, Any]) -> Any:
         """Complete a prompt, or each of a list of prompts, `n` times.
 
@@ -146,11 +150,7 @@ def create_blueprint(settings: Settings) -> Blueprint:
         fmt = CompletionFormat(model, prompts, n=args["n"], echo=args["echo"], include_usage=include_usage(args))
         return answer(choice_requests(args["prompt"], args, settings), fmt, stream=args["stream"])
 
-    @blp.route("/chat/completions", methods=["POST"])
-    @blp.arguments(schemas.chat(), error_status_code=VALIDATION_STATUS, example=examples["chat"])
-    @blp.response(200, ChatCompletionResponseSchema)
-    @blp.alt_response(200, schema=CHUNK_EVENT_SCHEMA, content_type="text/event-stream")
-    @documented
+    @generation_route("/chat/completions", schemas.chat(), ChatCompletionResponseSchema, examples["chat"])
     def chat_completions(args: dict[str, Any]) -> Any:
         """Answer a conversation, rendered with the model's chat template (or the default one).
 
