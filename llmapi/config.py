@@ -194,7 +194,7 @@ class Settings:
         self._check_operations()
 
     def _check_operations(self) -> None:
-        """Refuse operations settings that would break the promises made in the README's Operations section."""
+        """Refuse operations settings that would break the promises made in docs/operations.md."""
         if self.threads < 2:
             raise ConfigError(f"GUNICORN_THREADS must be at least 2 (one stays free for /health), got {self.threads}")
         if not 0 <= self.max_inflight < self.threads:
