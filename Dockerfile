@@ -1,5 +1,5 @@
 # llmapi: the service on CPU-only torch, run by gunicorn as a non-root user, with the offline tiny
-# model inside. `docker-compose build` (or `docker build -t llmapi .`); see the README's Docker section.
+# model inside. `docker-compose build` (or `docker build -t llmapi .`); see docs/deployment.md.
 
 # ---- build: a virtual environment with the dependencies, the service and the offline tiny model
 FROM python:3.11-slim AS build
