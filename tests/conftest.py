@@ -238,9 +238,9 @@ def wait_for_health(url: str, process: subprocess.Popen, timeout: float = 30) ->
         if process.poll() is not None:
             raise RuntimeError(f"gunicorn exited with {process.returncode}")
         try:
-            if requests.get(url + "/health", timeout=1).status_code == 200:
+            if requests.get(url + "/health", timeout=2).status_code == 200:
                 return
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # not listening yet, or a busy machine
             pass
         time.sleep(0.05)
     raise TimeoutError("gunicorn did not answer /health in time")
