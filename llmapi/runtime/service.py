@@ -88,6 +88,11 @@ class EngineService:
         """Why the last load failed, if it did and nothing loaded since."""
         return str(self._failure) if self._failure and not self._engine else None
 
+    def stats(self) -> dict[str, Any] | None:
+        """The engine's live figures, or None while no model is loaded here (this never loads one)."""
+        stats = getattr(self._engine, "stats", None)
+        return stats() if stats is not None else None
+
     def get(self) -> EngineLike:
         """Return the engine, loading it on first use; raise ModelUnavailable if that fails."""
         engine = self._engine
