@@ -59,7 +59,9 @@ def server(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     """One gunicorn worker on the tiny model, its model loaded at start (WARMUP)."""
     port = free_port()
     log_path = tmp_path_factory.mktemp("playground") / "gunicorn.log"
-    env = server_env(API_KEY=KEY, MODEL_NAME=tiny_model, BIND=f"127.0.0.1:{port}", WEB_CONCURRENCY="1", WARMUP="true")
+    # SERVED_MODEL_NAME: the screenshot shows the model's id, not this checkout's path.
+    settings = {"MODEL_NAME": tiny_model, "SERVED_MODEL_NAME": "tiny-gpt2", "WEB_CONCURRENCY": "1", "WARMUP": "true"}
+    env = server_env(API_KEY=KEY, BIND=f"127.0.0.1:{port}", **settings)
     with log_path.open("wb") as log_file:
         cmd = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"]
         process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
@@ -100,15 +102,20 @@ class Browser:
 
     def __init__(self, driver: Any) -> None:
         self.driver = driver
-        self.urls: list[str] = []
+        self.requests: list[dict[str, Any]] = []  # DevTools' Network.Request objects: url, method, headers
         self.console: list[dict[str, Any]] = []
 
+    @property
+    def urls(self) -> list[str]:
+        """Every URL requested so far."""
+        return [request["url"] for request in self.requests]
+
     def drain_logs(self) -> None:
-        """Move Chrome's performance (network) and console entries into `urls` and `console`."""
+        """Move Chrome's performance (network) and console entries into `requests` and `console`."""
         for entry in self.driver.get_log("performance"):
             message = json.loads(entry["message"])["message"]
             if message["method"] == "Network.requestWillBeSent":
-                self.urls.append(message["params"]["request"]["url"])
+                self.requests.append(message["params"]["request"])
         self.console += self.driver.get_log("browser")
 
 
@@ -258,7 +265,7 @@ def test_chat_answer_streams_and_grows(page, server):
     # The server panel: readiness, the model's facts and the engine's figures, through /status with the key.
     page.wait(lambda: page.server_panel("hardware") == "float32 / cpu", timeout=10)
     assert page.server_panel("readiness") == "ready"
-    assert page.server_panel("model").endswith("tiny-gpt2")
+    assert page.server_panel("model") == "tiny-gpt2"  # the id /v1/models lists
     assert page.server_panel("engine").startswith("batch")
     assert re.fullmatch(r"\d+(\.\d+)?", page.server_panel("rate"))
     assert page.find("#send").is_enabled() and not page.find("#stop").is_enabled()
@@ -324,6 +331,26 @@ def test_bad_value_shows_the_apis_message_next_to_its_field(page, field, value, 
     assert page.error("key") == ""
     page.fill(field, "1")  # editing the field clears its error
     assert page.error(field) == ""
+
+
+def test_key_is_kept_for_the_tab_and_sent_as_bearer(page, browser):
+    page.fill("key", KEY)
+    page.driver.refresh()
+    page.wait(lambda: page.find("#key").get_attribute("value") == KEY)  # restored from sessionStorage
+    stored = page.driver.execute_script("return [sessionStorage.getItem('llmapi.key'), localStorage.length]")
+    assert stored == [KEY, 0]
+    assert page.driver.get_cookies() == []
+    page.fill("max_tokens", "4")
+    page.send("Hello")
+    page.figures()
+    browser.drain_logs()
+    sent = [r for r in browser.requests if r["url"].endswith("/v1/chat/completions") and r["method"] == "POST"]
+    headers = {name.lower(): value for name, value in sent[-1]["headers"].items()}
+    assert headers["authorization"] == f"Bearer {KEY}"
+    assert "x-api-key" not in headers
+    page.find("#forget").click()
+    assert page.driver.execute_script("return sessionStorage.getItem('llmapi.key')") is None
+    assert page.find("#key").get_attribute("value") == ""
 
 
 def test_completion_mode_continues_the_prompt(page):

@@ -56,8 +56,9 @@ function seedText() {
 
 function body(prompt, seed) {
   const request = state.mode === "chat" ? { messages: conversation(prompt) } : { prompt };
+  const chosen = { seed }; // the seed as sent (typed, or picked at random), not as its field shows it
   for (const control of CONTROLS) {
-    const value = control.param === "seed" ? number(seed) : control.read($(control.id).value);
+    const value = control.read(chosen[control.param] ?? $(control.id).value);
     if (value !== undefined) request[control.param] = value;
   }
   return { ...request, stream: true, stream_options: { include_usage: true } };
