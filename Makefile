@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 MODEL_DIR ?= models/tiny-gpt2
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install model run test test-fast lint format bench clean
+.PHONY: install model run test test-fast lint format bench screenshot clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,9 @@ lint: install  ## ruff lint and format check
 
 bench: install  ## the benchmark suite: limits, server under load, baseline (~25 min; BENCH=--quick: ~10 min)
 	$(PY) -m bench $(BENCH)
+
+screenshot: install model  ## redo docs/playground.png, the README's picture, with the playground's browser test
+	LLMAPI_SCREENSHOT=1 $(PY) -m pytest tests/test_playground_browser.py -k screenshot -q
 
 format: install
 	$(VENV)/bin/ruff format .

@@ -25,6 +25,7 @@ from llmapi.engine.base import ModelFront
 from llmapi.engine.bytelevel import fast_decoder
 from llmapi.engine.loader import LoadedModel
 from llmapi.engine.sampling import RowControls, choose
+from llmapi.engine.stats import TokenRate, model_facts
 from llmapi.engine.text import IncrementalDecoder, StopMatcher
 from llmapi.engine.types import EngineError, GenerationRequest, GenerationResult
 
@@ -244,6 +245,7 @@ class Engine(ModelFront):
         self._lanes: list[Lane] = []
         self._wakeup = threading.Condition()
         self._closing = False
+        self._rate = TokenRate()
         self._thread = threading.Thread(target=self._run, name="llmapi-engine", daemon=True)
         self._thread.start()
         # A daemon thread still inside a torch op while the interpreter finalizes aborts the process.
@@ -261,6 +263,22 @@ class Engine(ModelFront):
             self._pending.append(row)
             self._wakeup.notify()
         return handle
+
+    def stats(self) -> dict[str, Any]:
+        """Live figures for the status route, read from the request thread without pausing the decoding thread."""
+        with self._wakeup:
+            waiting = len(self._pending)
+        # A finished row stays in its lane until the end of its step; its caller may have its result already.
+        decoding = sum(row.finish_reason is None for lane in list(self._lanes) for row in list(lane.rows))
+        return {
+            **model_facts(self.loaded),
+            "engine_mode": "batch",
+            "decoding": decoding,
+            "waiting": waiting,
+            "max_batch_size": self.max_batch_size,
+            "tokens_per_second": round(self._rate.per_second(), 1),
+            "generated_tokens": self._rate.total,
+        }
 
     def close(self) -> None:
         """Stop the decoding thread after its current step; requests still queued or decoding get an error."""
@@ -392,6 +410,7 @@ class Engine(ModelFront):
         tokens = choose(logits, [row.controls for row in lane.rows], self._eos_list)
         now = time.monotonic()
         size = len(lane.rows)
+        self._rate.add(size)
         keep = []
         for i, (row, token) in enumerate(zip(lane.rows, tokens)):
             if row.steps == 0:

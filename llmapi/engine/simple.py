@@ -12,6 +12,7 @@ import torch
 
 from llmapi.engine.base import ModelFront
 from llmapi.engine.loader import LoadedModel
+from llmapi.engine.stats import TokenRate, model_facts
 from llmapi.engine.text import StopMatcher
 from llmapi.engine.types import EngineError, GenerationRequest, GenerationResult
 
@@ -50,6 +51,22 @@ class SimpleEngine(ModelFront):
         super().__init__(loaded)
         # One generation at a time: the global RNG that seeds sampling, and the torch threads, are per process.
         self._lock = threading.Lock()
+        self._rate = TokenRate()
+        self._inside = 0  # callers in run(): the one generating and those waiting for the lock
+        self._inside_lock = threading.Lock()
+
+    def stats(self) -> dict[str, Any]:
+        """Live figures for the status route; tokens are counted when each generation ends (nothing streams)."""
+        decoding = 1 if self._lock.locked() else 0
+        return {
+            **model_facts(self.loaded),
+            "engine_mode": "simple",
+            "decoding": decoding,
+            "waiting": max(0, self._inside - decoding),
+            "max_batch_size": 1,
+            "tokens_per_second": round(self._rate.per_second(), 1),
+            "generated_tokens": self._rate.total,
+        }
 
     def submit(self, request: GenerationRequest) -> SimpleHandle:
         """Check that `request` fits and return a handle that generates when asked."""
@@ -58,8 +75,22 @@ class SimpleEngine(ModelFront):
         return SimpleHandle(self, request, prompt_ids, submitted)
 
     def run(self, request: GenerationRequest, prompt_ids: list[int], submitted: float) -> GenerationResult:
-        """Call `model.generate` for one request and turn its output into a result."""
+        """Generate one request and return its result, counted for stats()."""
         seed = request.seed if request.seed is not None or request.greedy else random.getrandbits(63)
+        with self._inside_lock:
+            self._inside += 1
+        try:
+            result = self._run(request, prompt_ids, submitted, seed)
+        finally:
+            with self._inside_lock:
+                self._inside -= 1
+        self._rate.add(result.completion_tokens)
+        return result
+
+    def _run(
+        self, request: GenerationRequest, prompt_ids: list[int], submitted: float, seed: int | None
+    ) -> GenerationResult:
+        """Call `model.generate` under the lock (one generation at a time) and turn its output into a result."""
         with self._lock:
             started = time.monotonic()
             if request.timeout_s is not None and started - submitted >= request.timeout_s:

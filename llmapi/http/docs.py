@@ -15,6 +15,7 @@ from swagger_ui_bundle import swagger_ui_path
 from werkzeug.routing import Rule
 
 from llmapi.errors import error_body
+from llmapi.http import playground
 from llmapi.http.fields import ErrorSchema
 from llmapi.http.hooks import require_api_key, require_json
 
@@ -23,8 +24,10 @@ ASSETS_PATH = "/docs/assets"
 ASSETS_DIR = Path(str(swagger_ui_path))
 # What flask-smorest's page loads; the bundle's own index.html would point at the online petstore demo.
 ASSETS = frozenset({"swagger-ui.css", "swagger-ui-bundle.js", "swagger-ui-standalone-preset.js"})
-# Routes that serve the documentation itself; every other route of the app must be in the spec.
-DOC_ENDPOINTS = frozenset({"api-docs.openapi_json", "api-docs.openapi_swagger_ui", "swagger_ui.asset"})
+# Routes that serve the documentation itself, or the playground; every other route of the app must be in the spec.
+DOC_ENDPOINTS = frozenset({"api-docs.openapi_json", "api-docs.openapi_swagger_ui", "swagger_ui.asset"}) | (
+    playground.ENDPOINTS
+)
 
 SECURITY_SCHEMES = {
     "ApiKeyAuth": {"type": "apiKey", "in": "header", "name": "x-api-key", "description": "One of the API keys."},
@@ -60,7 +63,7 @@ A Hugging Face causal language model behind an HTTP API.
 
 **Authentication.** Routes marked with a lock need one of the service's API keys, in the
 `x-api-key` header or as `Authorization: Bearer <key>`: press *Authorize* and enter it once.
-`/health`, `/docs` and `/openapi.json` are open.
+`/health`, `/docs`, `/openapi.json` and the playground at `/` are open.
 
 **Errors.** Every error, from any route, is JSON of one shape:
 `{"error": {"message", "type", "param", "code"}}`. Besides the statuses listed per operation,

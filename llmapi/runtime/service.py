@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from flask import Flask, current_app
 
@@ -69,6 +70,11 @@ class EngineService:
     def failure(self) -> str | None:
         """Why the last load failed, if it did and nothing loaded since."""
         return str(self._failure) if self._failure and not self._engine else None
+
+    def stats(self) -> dict[str, Any] | None:
+        """The engine's live figures, or None while no model is loaded here (this never loads one)."""
+        stats = getattr(self._engine, "stats", None)
+        return stats() if stats is not None else None
 
     def get(self) -> EngineLike:
         """Return the engine, loading it on first use; raise ModelUnavailable if that fails."""
