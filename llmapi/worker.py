@@ -97,10 +97,11 @@ READ_CHUNK = 64 * 1024  # most bytes read from one connection per turn of the lo
 LINGER_S = 2.0  # as gunicorn's util.close_graceful: how long a closing connection may still send...
 LINGER_MAX_BYTES = 64 * 1024  # ...and how much
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# The answers of the main loop to a request it does not pass on: reason phrase, metrics label, message.
 REFUSALS = {
-    408: ("Request Timeout", "read_timeout", "The request did not arrive within REQUEST_READ_TIMEOUT."),
-    413: ("Content Too Large", "body_too_large", "The request body is larger than MAX_BODY_BYTES."),
-    431: ("Request Header Fields Too Large", "head_too_large", f"The request head is over {HEAD_LIMIT} bytes."),
+    408: ("Request Timeout", "read_timeout", "The request did not arrive within {timeout:g} s (REQUEST_READ_TIMEOUT)."),
+    413: ("Content Too Large", "body_too_large", "The request body is larger than {max_body} bytes."),
+    431: ("Request Header Fields Too Large", "head_too_large", "The request head is larger than {head} bytes."),
 }
 
 
@@ -124,7 +125,8 @@ def configure_reading(*, timeout: float, max_body: int) -> None:
 def refusal(status: int) -> bytes:
     """The whole response the main loop answers a request it will not pass on with, then closes."""
     reason, _, message = REFUSALS[status]
-    body = json.dumps(error_body(message, status=status)).encode()
+    text = message.format(timeout=_limits.timeout, max_body=_limits.max_body, head=HEAD_LIMIT)
+    body = json.dumps(error_body(text, status=status)).encode()
     head = f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
     return head.encode() + b"Connection: close\r\n\r\n" + body
 
@@ -342,7 +344,7 @@ class ThreadWorker(GthreadWorker):
 
     def init_process(self) -> None:
         """Take this worker's slot on the connection board, make room for its connections, run gthread's loop."""
-        self._arriving: dict[Connection, RequestBuffer] = {}  # insertion order is deadline order
+        self._arriving: dict[Connection, RequestBuffer] = {}
         self._closing: dict[Connection, Closing] = {}
         self._next_expiry = math.inf
         self._counted: tuple[int, ...] = ()
@@ -432,6 +434,8 @@ class ThreadWorker(GthreadWorker):
 
     def _on_readable(self, conn: Connection, _sock: Any) -> None:
         """Read what the client sent (once per turn of the loop, so that every connection gets its turn)."""
+        if conn not in self._arriving:  # passed on or closed earlier in this turn of the loop
+            return
         try:
             data = conn.sock.recv(READ_CHUNK)
         except (BlockingIOError, InterruptedError):
@@ -515,6 +519,8 @@ class ThreadWorker(GthreadWorker):
 
     def _on_lingering(self, conn: Connection, _sock: Any) -> None:
         """Drain a closing connection; close it when the client has closed its side or sent too much."""
+        if conn not in self._closing:
+            return
         try:
             data = conn.sock.recv(READ_CHUNK)
         except (BlockingIOError, InterruptedError):

@@ -13,9 +13,11 @@ from contextlib import contextmanager
 
 import pytest
 import requests
+import yaml
 
+from llmapi.config import ConfigError, Settings
 from llmapi.worker import HEAD_LIMIT, RequestBuffer
-from tests.conftest import KEY, Server
+from tests.conftest import KEY, ROOT, Server
 from tests.ops_helpers import error_of, sample
 
 THREADS = 4
@@ -395,9 +397,19 @@ def test_connections_past_the_cap_wait_in_the_backlog(start_server):
 
 
 def test_read_settings_are_checked():
-    from llmapi.config import ConfigError, Settings
-
     with pytest.raises(ConfigError, match="REQUEST_READ_TIMEOUT"):
         Settings.from_env({"API_KEY": "k", "REQUEST_READ_TIMEOUT": "0"})
     with pytest.raises(ConfigError, match="MAX_CONNECTIONS"):
         Settings.from_env({"API_KEY": "k", "GUNICORN_THREADS": "8", "MAX_CONNECTIONS": "8"})
+
+
+def test_nginx_reads_requests_with_the_app_s_deadline():
+    template = (ROOT / "deploy" / "nginx" / "llmapi.conf.template").read_text()
+    for directive in ("client_header_timeout", "client_body_timeout"):
+        assert f"{directive} ${{REQUEST_READ_TIMEOUT}}s;" in template
+    loader = type("ComposeLoader", (yaml.SafeLoader,), {})
+    loader.add_constructor("!reset", lambda _loader, _node: None)  # Compose's own tag
+    services = yaml.load((ROOT / "docker-compose.scale.yml").read_text(), Loader=loader)["services"]
+    app, nginx = services["llmapi"]["environment"], services["nginx"]["environment"]
+    assert nginx["REQUEST_READ_TIMEOUT"] == app["REQUEST_READ_TIMEOUT"] == "${REQUEST_READ_TIMEOUT:-10}"
+    assert Settings.request_read_timeout == 10  # the compose files' default is the app's
