@@ -1,4 +1,5 @@
-"""The gunicorn side, used by gunicorn.conf.py: a worker that stops cleanly, JSON logs, the metrics directory."""
+"""The gunicorn side, used by gunicorn.conf.py: a worker that reads requests before a thread gets them and stops
+cleanly, JSON logs, the metrics directory."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ import requests
 import yaml
 
 from llmapi.config import ConfigError, Settings
-from llmapi.worker import HEAD_LIMIT, RequestBuffer
+from llmapi.worker import HEAD_LIMIT, DeadlineUnreader, RequestBuffer
 from tests.conftest import KEY, ROOT, Server
 from tests.ops_helpers import error_of, sample
 
@@ -104,6 +104,21 @@ def test_request_buffer_refuses_a_head_or_a_chunked_body_too_large():
 def test_request_buffer_asks_for_100_continue_only_while_the_body_is_due():
     assert fed(request_bytes(b"x" * 10, headers="Expect: 100-continue\r\n")[:-10]).continue_due
     assert not fed(request_bytes(b"x" * 10, headers="Expect: 100-continue\r\n")).continue_due
+
+
+def test_a_thread_reading_the_socket_stops_at_the_request_s_deadline():
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        reader = DeadlineUnreader(ours)
+        theirs.sendall(b"GET")
+        reader.deadline = time.monotonic() + 0.3
+        assert reader.chunk() == b"GET"
+        with pytest.raises(TimeoutError):  # nothing more comes: the wait ends at the deadline, not never
+            reader.chunk()
+        assert time.monotonic() >= reader.deadline
+        assert ours.gettimeout() is None  # the socket is blocking again, for writing the answer
+        with pytest.raises(TimeoutError):
+            reader.chunk()  # past the deadline: no wait at all
 
 
 # Real gunicorn: one worker of THREADS threads, REQUEST_READ_TIMEOUT seconds to send a request.
@@ -218,8 +233,11 @@ def warmed_up(server: Server, *, model: bool = False) -> tuple[int, tuple[int, i
     pid = worker_pid(server)
     if model:
         assert generate(server).status_code == 200
-    for _ in range(3):  # requests that arrive together start a thread each
-        with sockets(server, THREADS, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n") as burst:
+    for _ in range(3):  # requests that arrive together start a thread each (gthread's pool starts them lazily)
+        with sockets(server, 3 * THREADS, b"") as burst:
+            time.sleep(0.2)  # all accepted: the requests below arrive in one turn of the worker's loop
+            for sock in burst:
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             closed_by_server(burst, 10)
     metrics(server)
     return pid, quiet(pid)
@@ -271,6 +289,7 @@ def test_slow_requests_hold_no_thread_and_are_closed_at_their_deadline(start_ser
     refused = sample(metrics(server), "llmapi_connections_refused_total", reason="read_timeout")
     assert refused - refused_before == 3 * THREADS
     assert settled(pid, before) == before
+    assert "Traceback" not in server.log()
 
 
 @pytest.mark.slow
@@ -344,6 +363,7 @@ def test_whole_requests_are_served_as_before(start_server):
     answer = exchange(server, big_chunk)
     assert answer.startswith(b"HTTP/1.1 413 ")
     error_of(json.loads(answer.partition(b"\r\n\r\n")[2]), 413)
+    assert "Traceback" not in server.log()
 
 
 @pytest.mark.slow
