@@ -27,6 +27,10 @@ threads = _settings.threads
 # Each worker loads its model lazily on its first generate: nothing heavy may happen in the master.
 preload_app = False
 keepalive = 5
+# Slow clients: the worker's main loop reads each request, and a thread only gets it once it is all there (at most
+# REQUEST_READ_TIMEOUT after its first byte, else 408). Open connections per worker, reading or idle or served, are
+# capped at MAX_CONNECTIONS: beyond it they wait in the kernel's listen backlog (`backlog`), costing a worker nothing.
+worker_connections = _settings.max_connections
 
 # Timeouts
 # Let C = GENERATION_TIMEOUT_MAX_MS. The engine ends every generation at its deadline, at most C after
@@ -71,6 +75,7 @@ def on_starting(server):
     server.log.info("metrics directory %s", _metrics_dir)
     # Shared memory where the workers post their open connections, for least-connections accept.
     _worker.make_connection_board()
+    _worker.configure_reading(timeout=_settings.request_read_timeout, max_body=_settings.max_body_bytes)
 
 
 def child_exit(server, worker):

@@ -10,7 +10,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from llmapi import errors, logs, metrics
 from llmapi.config import Settings
-from llmapi.http import generate, health, playground, status
+from llmapi.http import generate, health, jsonbody, playground, status
 from llmapi.http.docs import SpecApi
 from llmapi.http.hooks import EXTENSION as KEYS_EXTENSION
 from llmapi.http.openai import routes as openai_routes
@@ -34,6 +34,7 @@ def create_app(
         settings = Settings.from_env(environ)
     app = Flask(__name__, static_folder=None)  # no /static route: nothing to serve there
     app.config.from_mapping(flask_config(settings))
+    jsonbody.init_app(app)  # JSON with a depth and a digit limit wherever Flask parses it
     app.json.sort_keys = False  # keep fields in schema order, as clients print them
     configure_logging(settings)
     app.extensions[KEYS_EXTENSION] = tuple(key.encode("utf-8") for key in settings.keys)

@@ -86,6 +86,12 @@ class Settings:
     max_new_tokens_limit: int = env("MAX_NEW_TOKENS_LIMIT", 512, doc="largest max_new_tokens accepted")
     max_prompt_chars: int = env("MAX_PROMPT_CHARS", 16_000, doc="longest prompt accepted, in characters")
     max_body_bytes: int = env("MAX_BODY_BYTES", 262_144, doc="largest request body accepted (413 above)")
+    request_read_timeout: float = env(
+        "REQUEST_READ_TIMEOUT", 10.0, doc="seconds a client has to send a whole request, headers and body (then 408)"
+    )
+    max_connections: int = env(
+        "MAX_CONNECTIONS", 1000, doc="open connections per worker (gunicorn's worker_connections); more wait unaccepted"
+    )
     timeout_default_ms: int = env("GENERATION_TIMEOUT_MS", 60_000, doc="generation deadline when a request sets none")
     timeout_max_ms: int = env("GENERATION_TIMEOUT_MAX_MS", 120_000, doc="largest timeout_ms a request may ask for")
     torch_threads: int = env("TORCH_THREADS", 0, doc="torch threads per worker; 0 = cores / workers")
@@ -201,6 +207,13 @@ class Settings:
             raise ConfigError(
                 f"MAX_INFLIGHT_REQUESTS must be between 1 and GUNICORN_THREADS - 1 ({self.threads - 1}) so that"
                 f" /health always finds a free thread (0 = GUNICORN_THREADS - 1), got {self.max_inflight}"
+            )
+        if self.request_read_timeout <= 0:
+            raise ConfigError(f"REQUEST_READ_TIMEOUT must be more than 0 seconds, got {self.request_read_timeout}")
+        if self.max_connections <= self.threads:
+            raise ConfigError(
+                f"MAX_CONNECTIONS must be more than GUNICORN_THREADS ({self.threads}), so that kept-alive connections"
+                f" and connections still sending can wait without a thread, got {self.max_connections}"
             )
         if self.log_format not in {"text", "json"}:
             raise ConfigError(f"LOG_FORMAT must be text or json, got {self.log_format!r}")

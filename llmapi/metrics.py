@@ -38,6 +38,7 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self._define()
         self.capacity.set(settings.admission_limit)
+        self.connection_capacity.set(settings.max_connections)
 
     def _define(self) -> None:
         """Declare every metric (names as Prometheus' conventions ask: unit suffixes, _total for counters)."""
@@ -75,6 +76,20 @@ class Metrics:
         )
         self.model_load_failures = Counter("model_load_failures", "failed model loads", **reg)
         self.models_loaded = Gauge("models_loaded", "workers with their model loaded", **live)
+        # Written by the gunicorn worker's main loop (llmapi/worker.py), which reads requests before a thread does.
+        self.connections = Gauge(
+            "connections", "open client connections: reading, active (on a thread), idle, closing", ["state"], **live
+        )
+        self.connection_capacity = Gauge("connection_capacity", "open connections the live workers allow", **live)
+        self.connection_limit_reached = Counter(
+            "connection_limit_reached", "times a worker stopped accepting at MAX_CONNECTIONS", **reg
+        )
+        self.connections_refused = Counter(
+            "connections_refused",
+            "requests answered and closed before they reached the app (read_timeout, head_too_large, body_too_large)",
+            ["reason"],
+            **reg,
+        )
 
     def init_app(self, app: Flask) -> None:
         """Count every request, a stream when its response is closed, so that it is timed to its end."""

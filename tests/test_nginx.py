@@ -78,6 +78,7 @@ def nginx(servers: list[Server], tmp_path: Path) -> Iterator[Nginx]:
         "NGINX_LISTEN": f"127.0.0.1:{port}",
         "MAX_BODY_BYTES": str(MAX_BODY),
         "NGINX_PROXY_TIMEOUT": "150s",
+        "REQUEST_READ_TIMEOUT": "10",
     }
     prefix = tmp_path / "nginx"
     prefix.mkdir()

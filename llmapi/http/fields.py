@@ -9,6 +9,10 @@ from marshmallow import Schema, fields
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 256
 MAX_SEED = 2**63 - 1
+# Limits of every JSON body, checked by llmapi.http.jsonbody before any schema sees it: no field of ours nests
+# deeper than a few levels or needs a number of more than 20 digits (MAX_SEED has 19).
+MAX_JSON_DEPTH = 64
+MAX_NUMBER_DIGITS = 100
 
 
 class StrictInteger(fields.Integer):

@@ -6,7 +6,6 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from flask import Response
-from flask_smorest import Blueprint
 from marshmallow import Schema, ValidationError, fields, validates_schema
 from marshmallow.validate import Length, Range
 
@@ -26,6 +25,7 @@ from llmapi.http.fields import (
     UsageSchema,
 )
 from llmapi.http.hooks import require_api_key, require_json
+from llmapi.http.jsonbody import Blueprint  # JSON bodies parsed with limits
 from llmapi.http.sse import event_schema, sse
 from llmapi.runtime.runner import Event
 

@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from flask import Response, request
-from flask_smorest import Blueprint
 from marshmallow import Schema
 
 from llmapi.config import Settings
@@ -17,6 +16,7 @@ from llmapi.errors import APIError, respond
 from llmapi.http.answer import answer
 from llmapi.http.fields import MAX_SEED, ErrorSchema
 from llmapi.http.hooks import require_api_key, require_json
+from llmapi.http.jsonbody import Blueprint  # JSON bodies parsed with limits
 from llmapi.http.openai.formats import ChatFormat, CompletionFormat
 from llmapi.http.openai.schemas import (
     CHUNK_EVENT_SCHEMA,
