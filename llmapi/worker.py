@@ -150,6 +150,16 @@ def _chunk_size(line: bytes) -> int | None:
     return int(digits, 16)
 
 
+def _recv(sock: socket.socket) -> bytes | None:
+    """Read what has arrived without blocking: None when nothing has, b"" when the client closed or failed."""
+    try:
+        return sock.recv(READ_CHUNK)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b""
+
+
 class RequestBuffer:
     """One request's bytes as they arrive on a worker's main loop, and whether they make a whole request yet.
 
@@ -437,12 +447,9 @@ class ThreadWorker(GthreadWorker):
         """Read what the client sent (once per turn of the loop, so that every connection gets its turn)."""
         if conn not in self._arriving:  # passed on or closed earlier in this turn of the loop
             return
-        try:
-            data = conn.sock.recv(READ_CHUNK)
-        except (BlockingIOError, InterruptedError):
+        data = _recv(conn.sock)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if data:
             self._take(conn, data)
         else:  # the client went away: a new or kept-alive connection closed, or a request cut short
@@ -522,12 +529,9 @@ class ThreadWorker(GthreadWorker):
         """Drain a closing connection; close it when the client has closed its side or sent too much."""
         if conn not in self._closing:
             return
-        try:
-            data = conn.sock.recv(READ_CHUNK)
-        except (BlockingIOError, InterruptedError):
+        data = _recv(conn.sock)
+        if data is None:
             return
-        except OSError:
-            data = b""
         self._closing[conn].drained += len(data)
         if not data or self._closing[conn].drained >= LINGER_MAX_BYTES:
             self._close(conn)
