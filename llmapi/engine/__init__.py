@@ -28,8 +28,13 @@ def create_engine(
     max_batch_size: int = 8,
     batch_wait_ms: float = 2.0,
     mode: str = "batch",
+    device: str = "auto",
+    dtype: str = "auto",
 ):  # -> llmapi.engine.batching.Engine, typed loosely so that importing this package stays torch-free
-    """Load `model_name` and start an engine on it (mode "batch", or "simple": the baseline); imports torch."""
+    """Load `model_name` on `device` in `dtype` and start an engine on it (mode "batch", or "simple": the baseline).
+
+    Imports torch.
+    """
     # The Rust tokenizer's own thread pool must not start in a process that serves threads of its own.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from llmapi.engine.batching import Engine
@@ -38,7 +43,7 @@ def create_engine(
 
     keep_freed_memory()
     set_threads(threads)
-    loaded = load(model_name, revision=revision)
+    loaded = load(model_name, revision=revision, device=device, dtype=dtype)
     if mode == "simple":
         from llmapi.engine.simple import SimpleEngine
 

@@ -67,7 +67,7 @@ class SimpleEngine(ModelFront):
             if seed is not None:
                 torch.manual_seed(seed)
             try:
-                input_ids = torch.tensor([prompt_ids])
+                input_ids = torch.tensor([prompt_ids], device=self.loaded.device)
                 with torch.inference_mode():
                     output = self.loaded.model.generate(
                         input_ids=input_ids,

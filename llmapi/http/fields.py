@@ -140,6 +140,8 @@ class ReadySchema(Schema):
 
     status = fields.String(required=True, metadata={"example": "ready"})
     model = fields.String(required=True, metadata={"description": "the model this worker has loaded"})
+    dtype = fields.String(metadata={"description": "what the model computes in (DTYPE)", "example": "bfloat16"})
+    device = fields.String(metadata={"description": "where the model runs (DEVICE)", "example": "cpu"})
 
 
 @dataclass(frozen=True)

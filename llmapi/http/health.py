@@ -31,7 +31,7 @@ def ready() -> dict[str, str]:
     """
     service = engine_service()
     if service.loaded:
-        return {"status": "ready", "model": service.settings.model_name}
+        return {"status": "ready", "model": service.settings.model_name, **service.placement}
     if service.settings.warmup:
         service.warm()
     if service.failure:
