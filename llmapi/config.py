@@ -124,7 +124,7 @@ class Settings:
         "DTYPE", "auto", doc="auto, float32, bfloat16 or float16; auto = bf16 where it is native and pays, else fp32"
     )
     device: str = env("DEVICE", "auto", doc="auto (cuda when a GPU is there, else cpu), cpu, cuda or cuda:N")
-    quantization: str = env("QUANTIZATION", "none", doc="none, or int8 (refused: it loses to bf16, see Performance)")
+    quantization: str = env("QUANTIZATION", "none", doc="none, or int8: int8 weights, fp32 activations (CPU only)")
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -227,11 +227,12 @@ class Settings:
             )
         if self.quantization not in QUANTIZATIONS:
             raise ConfigError(f"QUANTIZATION must be none or int8, got {self.quantization!r}")
-        if self.quantization == "int8":
+        if self.quantization == "int8" and self.dtype not in ("auto", "float32"):
             raise ConfigError(
-                "QUANTIZATION=int8 is not offered: torch's dynamic int8 measured slower than bf16 on this kind of CPU"
-                " (README, Performance); leave QUANTIZATION unset and DTYPE=auto"
+                f"QUANTIZATION=int8 computes in float32 (int8 weights): DTYPE={self.dtype} cannot go with it"
             )
+        if self.quantization == "int8" and self.device.startswith("cuda"):
+            raise ConfigError("QUANTIZATION=int8 is torch's CPU dynamic quantization: it does not run with DEVICE=cuda")
 
     def _check_operations(self) -> None:
         """Refuse operations settings that would break the promises made in the README's Operations section."""

@@ -45,7 +45,7 @@ def sharp(tiny_model, tmp_path_factory):
         eos_token_id=tiny_config.eos_token_id,
     )
     GPT2LMHeadModel(config).save_pretrained(path)
-    return create_engine(str(path), threads=1, max_batch_size=8, batch_wait_ms=5)
+    return create_engine(str(path), threads=1, max_batch_size=8, batch_wait_ms=5, dtype="float32")
 
 
 def start_long_stream(engine, prompt: str = "Hello"):
@@ -282,7 +282,7 @@ def test_bytelevel_decoder_falls_back_for_other_tokenizers():
 @pytest.fixture(scope="module")
 def simple_engine(sharp):
     """The baseline engine (ENGINE_MODE=simple) on the same model as `sharp`."""
-    return create_engine(sharp.model_name, threads=1, mode="simple")
+    return create_engine(sharp.model_name, threads=1, mode="simple", dtype="float32")
 
 
 def test_simple_mode_greedy_matches_the_batch_engine(simple_engine, sharp):

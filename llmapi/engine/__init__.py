@@ -30,6 +30,7 @@ def create_engine(
     mode: str = "batch",
     device: str = "auto",
     dtype: str = "auto",
+    quantization: str = "none",
 ):  # -> llmapi.engine.batching.Engine, typed loosely so that importing this package stays torch-free
     """Load `model_name` on `device` in `dtype` and start an engine on it (mode "batch", or "simple": the baseline).
 
@@ -43,7 +44,7 @@ def create_engine(
 
     keep_freed_memory()
     set_threads(threads)
-    loaded = load(model_name, revision=revision, device=device, dtype=dtype)
+    loaded = load(model_name, revision=revision, device=device, dtype=dtype, quantization=quantization)
     if mode == "simple":
         from llmapi.engine.simple import SimpleEngine
 

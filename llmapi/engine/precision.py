@@ -11,14 +11,16 @@ whatever the model computes in (see batching.Engine._choose).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 from llmapi.cpus import native_bf16
 
 # The smallest model that auto puts in bf16 on a CPU. Measured with `python -m bench.precision` (README,
-# Performance): at batch 8 bf16 ran at 0.3x fp32 on 100K parameters, 0.9x on 3.3M, 1.3x on 16M and 2.4x on 124M.
-BF16_MIN_PARAMETERS = 10_000_000
+# Performance; batch 1 / batch 8, bf16 against fp32): 0.60 / 0.63 on 100K parameters, 1.06 / 1.02 on 0.8M,
+# 0.82 / 1.05 on 1.7M, 1.00 / 2.05 on 3.4M, 1.63 / 1.55 on 16M, 1.06 / 2.38 on 124M.
+BF16_MIN_PARAMETERS = 3_000_000
 HALF_DTYPES = ("bfloat16", "float16")
 
 
@@ -89,13 +91,19 @@ def choose_dtype(
     return "bfloat16", f"auto: native bf16 on this CPU and {parameters:,} parameters"
 
 
-def place(requested_device: str, requested_dtype: str, *, config: Any, parameters: int) -> Placement:
+def place(
+    requested_device: str, requested_dtype: str, *, config: Any, parameters: int, quantization: str = "none"
+) -> Placement:
     """Resolve DEVICE and DTYPE for a model with `config` and `parameters`, on this machine (imports torch)."""
     import torch
 
     cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
     device = resolve_device(requested_device, cuda_devices=cuda)
     on_gpu = device.startswith("cuda")
+    if quantization == "int8":
+        if on_gpu:
+            raise PlacementError("QUANTIZATION=int8 is torch's CPU dynamic quantization: set DEVICE=cpu")
+        return Placement(device, "float32", "QUANTIZATION=int8: int8 weights, activations computed in float32")
     dtype, reason = choose_dtype(
         requested_dtype,
         device=device,
@@ -122,3 +130,24 @@ def count_parameters(config: Any) -> int:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     return sum(p.numel() for p in model.parameters())
+
+
+def quantize_int8(model: Any) -> Any:
+    """Quantize every linear layer's weights to int8 with torch's dynamic quantization (activations stay fp32).
+
+    GPT-2's attention and MLP layers are transformers' Conv1D (a linear layer with its weight transposed), which
+    quantize_dynamic does not know: they are turned into nn.Linear first, else only lm_head would be caught.
+    """
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, Conv1D):
+                linear = torch.nn.Linear(child.nx, child.nf, device=child.weight.device, dtype=child.weight.dtype)
+                linear.weight = torch.nn.Parameter(child.weight.detach().t().contiguous())
+                linear.bias = child.bias
+                setattr(module, name, linear)
+    with warnings.catch_warnings():  # torch 2.13 calls its quantized tensors deprecated (torchao succeeds them)
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)

@@ -54,6 +54,7 @@ def load_engine(settings: Settings) -> EngineLike:
         mode=settings.engine_mode,
         device=settings.device,
         dtype=settings.dtype,
+        quantization=settings.quantization,
     )
 
 
