@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from llmapi.config import ConfigError, Settings
-from llmapi.cpus import cpu_flags, native_bf16
+from llmapi.cpus import cpu_flags, native_bf16, nvidia_gpu_visible
 from llmapi.engine import GenerationRequest, batching, create_engine, precision
 from llmapi.engine.precision import BF16_MIN_PARAMETERS, PlacementError, choose_dtype, resolve_device
 from llmapi.engine.sampling import RowControls, choose, choose_on_device
@@ -75,6 +75,15 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
     assert cpu_flags(cpuinfo) == {"fpu", "avx2", "avx512f", "avx512_bf16"}
     assert native_bf16(cpu_flags(cpuinfo)) and not native_bf16(frozenset({"avx512f"}))
     assert cpu_flags(tmp_path / "absent") == frozenset()
+
+
+def test_nvidia_gpu_is_seen_without_torch(tmp_path, monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert not nvidia_gpu_visible(tmp_path / "absent") and not nvidia_gpu_visible(tmp_path)
+    (tmp_path / "0000:01:00.0").mkdir()
+    assert nvidia_gpu_visible(tmp_path)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert not nvidia_gpu_visible(tmp_path)  # every GPU hidden from this process
 
 
 @pytest.mark.parametrize(
