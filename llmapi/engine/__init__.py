@@ -1,5 +1,6 @@
 """The model side: loading, batching and decoding. Importing this package imports no torch."""
 
+import gc
 import os
 
 from llmapi.engine.types import (
@@ -40,11 +41,13 @@ def create_engine(
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from llmapi.engine.batching import Engine
     from llmapi.engine.loader import load, set_threads
-    from llmapi.engine.tuning import keep_freed_memory
+    from llmapi.engine.tuning import keep_freed_memory, release_freed_memory
 
     keep_freed_memory()
     set_threads(threads)
     loaded = load(model_name, revision=revision, device=device, dtype=dtype, quantization=quantization)
+    gc.collect()  # the fp32 copies that bf16 or int8 replaced, before their pages go back
+    release_freed_memory()
     if mode == "simple":
         from llmapi.engine.simple import SimpleEngine
 

@@ -150,4 +150,4 @@ def quantize_int8(model: Any) -> Any:
                 setattr(module, name, linear)
     with warnings.catch_warnings():  # torch 2.13 calls its quantized tensors deprecated (torchao succeeds them)
         warnings.simplefilter("ignore", UserWarning)
-        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
