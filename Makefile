@@ -36,7 +36,12 @@ lint: install  ## ruff lint and format check
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-bench: install  ## the benchmark suite: limits, server under load, baseline (~25 min; BENCH=--quick: ~10 min)
+$(VENV)/.bench: $(VENV)/.installed
+	# The peers and the chart: bench-only packages (no torch among them: the pinned CPU build stays).
+	$(PY) -m pip install --quiet -e ".[bench]"
+	touch $@
+
+bench: install $(VENV)/.bench  ## the benchmark suite and its chart (~25 min; BENCH=--quick: ~10 min; BENCH=--peers: CTranslate2, llama.cpp)
 	$(PY) -m bench $(BENCH)
 
 screenshot: install model  ## redo docs/playground.png, the README's picture, with the playground's browser test

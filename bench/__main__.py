@@ -6,6 +6,11 @@
 3. The server: real gunicorn with gunicorn.conf.py, in batch mode and in the baseline mode (ENGINE_MODE=simple),
    under closed-loop load at 1, 8 and 32 clients, greedy and sampled (temperature 0.8), plus seeded sampled
    requests at 8 clients; cold start to /health, first generate, model load, memory after load and after the run.
+4. A chart (bench/results/*.png): new tokens/s and p50/p99 latency against clients, per model.
+
+`--peers` instead runs llmapi (fp32 as before, today's defaults, int8) beside its peers on the small model, all in
+one run: CTranslate2 (int8, fp32) in process at batch 1 and 8, and llama.cpp's llama-server (bf16, q8_0 GGUF)
+under the same load generator at 1, 8 and 32 clients (see bench/peers.py).
 """
 
 from __future__ import annotations
@@ -20,11 +25,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import report
-from bench.server import KEY, ROOT, start, warm
+from bench import chart, report
+from bench.server import KEY, ROOT, post, start, warm
 
 PROMPT = "Artificial Intelligence is"
-QUIET_WAIT_S = 90.0  # before each load run, wait at most this long for other processes to go quiet
+QUIET_WAIT_S = [90.0]  # before each load run, wait at most this long for other processes to go quiet (--quiet-wait)
 MODELS = {"tiny": ROOT / "models" / "tiny-gpt2", "small": ROOT / "models" / "small-gpt2"}
 # (warm-up, window) seconds of each load run: a window several latencies long, after a warm-up of about one.
 WINDOWS = {
@@ -108,7 +113,7 @@ def limits(models: dict[str, str], *, quick: bool, new_tokens: int) -> dict[str,
     figures: dict[str, Any] = {}
     for size, path in models.items():
         for threads in sorted({1, os.cpu_count() or 1}):
-            wait_for_quiet(QUIET_WAIT_S)
+            wait_for_quiet(QUIET_WAIT_S[0])
             print(f"limits: {size}, {threads} torch thread(s) ...", file=sys.stderr)
             args = ["--model", path, "--threads", str(threads), "--new-tokens", str(new_tokens)]
             own0, (busy0, _), wall0 = children_cpu(), busy_cores(), time.perf_counter()
@@ -129,14 +134,16 @@ def requests_by_worker(lines: list[str]) -> list[int]:
     return sorted(counts.values(), reverse=True)
 
 
-def load_run(server: Any, body: dict[str, Any], clients: int, window: tuple[float, float]) -> dict[str, Any]:
+def load_run(
+    server: Any, body: dict[str, Any], clients: int, window: tuple[float, float], *, path: str = "/generate"
+) -> dict[str, Any]:
     """One closed-loop load in a separate process, with the server's and the machine's CPU use over it."""
-    quiet = wait_for_quiet(QUIET_WAIT_S)
+    quiet = wait_for_quiet(QUIET_WAIT_S[0])
     log_lines = len(server.log().splitlines())
     cpu0, (busy0, total0), wall0 = server.cpu_seconds(), busy_cores(), time.perf_counter()
     result = run_python(
         "bench.load",
-        *("--url", server.url + "/generate", "--key", KEY, "--body", json.dumps(body)),
+        *("--url", server.url + path, "--key", KEY, "--body", json.dumps(body)),
         *("--clients", str(clients), "--warmup", str(window[0]), "--seconds", str(window[1])),
     )
     wall = time.perf_counter() - wall0
@@ -150,12 +157,19 @@ def load_run(server: Any, body: dict[str, Any], clients: int, window: tuple[floa
     return result
 
 
+def server_settings(env: dict[str, str]) -> Any:
+    """The Settings a server started with `env` (over this environment) runs with."""
+    from llmapi.config import Settings
+
+    return Settings.from_env({**os.environ, "API_KEY": KEY, **env})
+
+
 def serve(path: str, size: str, mode: str, env: dict[str, str], plan: list[tuple[str, dict, int]], *, quick: bool):
     """Start one server, warm it, run every load of `plan` on it, and record memory before and after."""
     print(f"server: {size}, ENGINE_MODE={mode} {env or ''} ...", file=sys.stderr)
     server = start(path, {"ENGINE_MODE": mode, **env})
     try:
-        workers = int(env.get("WEB_CONCURRENCY", "2"))
+        workers = server_settings(env).workers
         figures: dict[str, Any] = {"health_s": server.health_s}
         figures.update(warm(server, plan[0][1], workers))
         figures["memory_after_load"] = server.memory()
@@ -173,30 +187,79 @@ def serve(path: str, size: str, mode: str, env: dict[str, str], plan: list[tuple
         server.stop()
 
 
-# Settings compared by --sweep, each against the defaults (WEB_CONCURRENCY=2, TORCH_THREADS=0 i.e. cores/workers,
-# GUNICORN_THREADS=32, MAX_BATCH_SIZE=8, BATCH_WAIT_MS=2).
+# Settings compared by --sweep, each against the defaults (DTYPE=auto: bf16 for the small model on this CPU, fp32
+# for the tiny one; WEB_CONCURRENCY=2, TORCH_THREADS=0 i.e. cores/workers, MAX_BATCH_SIZE=8), workers x torch
+# threads x MAX_BATCH_SIZE, in bf16 and in int8.
+ONE_BY_TWO = {"WEB_CONCURRENCY": "1", "TORCH_THREADS": "2"}
+INT8 = {"QUANTIZATION": "int8"}
 SWEEP: list[dict[str, str]] = [
     {},
-    {"WEB_CONCURRENCY": "1", "TORCH_THREADS": "2"},
-    {"WEB_CONCURRENCY": "1", "TORCH_THREADS": "1"},
-    {"WEB_CONCURRENCY": "2", "TORCH_THREADS": "2"},
-    {"WEB_CONCURRENCY": "4", "TORCH_THREADS": "1"},
-    {"MAX_BATCH_SIZE": "4"},
     {"MAX_BATCH_SIZE": "16"},
-    {"BATCH_WAIT_MS": "0"},
-    {"BATCH_WAIT_MS": "10"},
-    {"GUNICORN_THREADS": "16"},
+    ONE_BY_TWO,
+    {**ONE_BY_TWO, "MAX_BATCH_SIZE": "16"},
+    {**ONE_BY_TWO, "MAX_BATCH_SIZE": "32"},
+    INT8,
+    {**INT8, "MAX_BATCH_SIZE": "16"},
+    {**INT8, **ONE_BY_TWO},
+    {**INT8, **ONE_BY_TWO, "MAX_BATCH_SIZE": "32"},
 ]
 
 
 def sweep(models: dict[str, str], payloads: dict[str, dict[str, Any]], *, quick: bool) -> dict[str, Any]:
-    """Serve every model with each SWEEP setting under greedy load at 8 and 32 clients and sampled at 8."""
-    plan = [("greedy", payloads["greedy"], 8), ("greedy", payloads["greedy"], 32), ("sampled", payloads["sampled"], 8)]
+    """Serve every model with each SWEEP setting under greedy load at 1, 8 and 32 clients."""
+    plan = [("greedy", payloads["greedy"], n) for n in (1, 8, 32)]
     figures: dict[str, Any] = {}
     for size, path in models.items():
         for env in SWEEP:
             name = " ".join(f"{k}={v}" for k, v in env.items()) or "defaults"
             figures[f"{size}/{name}"] = serve(path, size, "batch", env, plan, quick=quick)
+    return figures
+
+
+# The llmapi servers --peers runs: the fp32 server as it was before DTYPE (the old defaults), today's, and int8.
+PEER_VARIANTS = {
+    "fp32 2x1 (before)": {"DTYPE": "float32", "WEB_CONCURRENCY": "2", "TORCH_THREADS": "1", "MAX_BATCH_SIZE": "8"},
+    "defaults": {},
+    "int8": {"QUANTIZATION": "int8"},
+}
+
+
+def peers(path: str, payloads: dict[str, dict[str, Any]], clients: list[int], *, quick: bool, new_tokens: int):
+    """llmapi (PEER_VARIANTS) and its baseline, CTranslate2 in process and llama-server over HTTP, in one run."""
+    from bench import peers as peer
+
+    threads = os.cpu_count() or 1
+    repeats = "3" if quick else "7"
+    figures: dict[str, Any] = {"ct2": {}, "generate": {}, "servers": {}, "llama": {}}
+    for quantization in ("int8", "float32"):
+        print(f"peers: CTranslate2 {quantization} ...", file=sys.stderr)
+        wait_for_quiet(QUIET_WAIT_S[0])
+        args = ["ct2", "--model", path, "--quantization", quantization, "--threads", str(threads)]
+        figures["ct2"][quantization] = run_python(
+            "bench.peers", *args, "--new-tokens", str(new_tokens), "--repeats", repeats
+        )
+    plan = [("greedy", payloads["greedy"], n) for n in clients]
+    for name, env in PEER_VARIANTS.items():
+        settings = server_settings(env)
+        args = ["generate", "--model", path, "--env", json.dumps(env), "--threads", str(settings.threads_per_worker)]
+        figures["generate"][name] = run_python(
+            "bench.peers", *args, "--new-tokens", str(new_tokens), "--repeats", repeats
+        )
+        figures["servers"][name] = serve(path, "small", "batch", env, plan, quick=quick)
+    figures["servers"]["baseline"] = serve(path, "small", "simple", {}, plan, quick=quick)
+    body = peer.llama_body(new_tokens)
+    for outtype in ("bf16", "q8_0"):
+        print(f"peers: llama-server {outtype} ...", file=sys.stderr)
+        server = peer.start_llama(peer.gguf(path, outtype), threads=threads, parallel=max(clients))
+        try:
+            post(server.url + "/v1/completions", body)
+            run = {"health_s": server.health_s, "memory_after_load": server.memory(), "loads": {}}
+            for n in clients:
+                result = load_run(server, body, n, WINDOWS[("small", quick)], path="/v1/completions")
+                run["loads"][f"greedy/{n}"] = result
+            figures["llama"][outtype] = run
+        finally:
+            server.stop()
     return figures
 
 
@@ -220,12 +283,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-limits", action="store_true", help="skip the in-process limits")
     parser.add_argument("--no-baseline", action="store_true", help="skip the ENGINE_MODE=simple server")
     parser.add_argument("--sweep", action="store_true", help="compare worker, thread and batch settings instead")
+    parser.add_argument("--peers", action="store_true", help="llmapi beside CTranslate2 and llama.cpp (small model)")
+    parser.add_argument("--quiet-wait", type=float, default=90.0, help="seconds to wait for a quiet machine per run")
     parser.add_argument("--out", type=Path, help="JSON file to write (default bench/results/bench-<time>.json)")
     args = parser.parse_args(argv)
     sizes = [s.strip() for s in args.models.split(",") if s.strip()]
     clients = [int(c) for c in args.clients.split(",")]
     models = ensure_models(sizes)
+    QUIET_WAIT_S[0] = args.quiet_wait
     results: dict[str, Any] = {"machine": machine(), "new_tokens": args.new_tokens, "quick": args.quick}
+    if args.peers:
+        path = ensure_models(["small"])["small"]
+        results["peers"] = peers(path, bodies(args.new_tokens), clients, quick=args.quick, new_tokens=args.new_tokens)
+        return finish(results, args.out, report.render_peers(results))
     if args.sweep:
         results["sweep"] = sweep(models, bodies(args.new_tokens), quick=args.quick)
         return finish(results, args.out, report.render_sweep(results))
@@ -245,13 +315,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def finish(results: dict[str, Any], out: Path | None, text: str) -> int:
-    """Write the JSON, print the report."""
+    """Write the JSON and the chart, print the report."""
     results["machine"]["loadavg_at_end"] = os.getloadavg()
     out = out or ROOT / "bench" / "results" / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
     print(text)
     print(f"\nJSON: {out}")
+    if "sweep" not in results:
+        try:
+            print(f"chart: {chart.draw(results, out.with_suffix('.png'))}")
+        except ImportError:
+            print("chart: matplotlib is not installed (pip install -e .[bench])")
     return 0
 
 

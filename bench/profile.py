@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench.__main__ import MODELS, bodies, ensure_models, run_python
+from bench.__main__ import MODELS, bodies, ensure_models, run_python, server_settings
 from bench.server import KEY, start, warm
 
 LINE = re.compile(r"^(?P<stack>.*) (?P<count>\d+)$")
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     server = start(path, env)
     try:
         body = bodies(32)[args.load]
-        warm(server, body, int(env.get("WEB_CONCURRENCY", "2")))
+        warm(server, body, server_settings(env).workers)
         worker = server.pids()[1]
         load = threading.Thread(
             target=run_python,

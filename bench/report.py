@@ -214,3 +214,63 @@ def render_sweep(results: dict[str, Any]) -> str:
     m = results["machine"]
     head = f"llmapi settings sweep, T = {results['new_tokens']}, {m['cpus']} CPUs, commit {m['commit']}, {m['started']}"
     return head + "\n\n" + table(header, rows)
+
+
+def render_peers(results: dict[str, Any]) -> str:
+    """llmapi beside CTranslate2 and llama-server on the small model, with the issue's targets."""
+    p = results["peers"]
+    ct2_int8 = p["ct2"]["int8"]["batch8"]["tokens_per_s"]
+    llama = p["llama"].get("bf16", {}).get("loads", {})
+    ct2_rows = [
+        [f"CTranslate2 {q}", f["threads"], f["batch1"]["tokens_per_s"], f["batch8"]["tokens_per_s"]]
+        for q, f in p["ct2"].items()
+    ]
+    rows = []
+    for name, f in {**p["servers"], **{f"llama-server {k}": v for k, v in p["llama"].items()}}.items():
+        for load, r in f["loads"].items():
+            clients = int(load.split("/")[1])
+            theirs = llama.get(load, {}).get("tokens_per_s")
+            rows.append(
+                [name, clients, r["tokens_per_s"], ms(r["p50_s"]), ms(r["p99_s"]), r["errors"],
+                 ratio(r["tokens_per_s"], ct2_int8), ratio(r["tokens_per_s"], theirs), r.get("other_cores"),
+                 f["memory_after_load"]["pss_mib"]]
+            )  # fmt: skip
+    header = ["server", "clients", "new tok/s", "p50 ms", "p99 ms", "errors", "x CT2 int8 b8", "x llama bf16",
+              "other procs", "PSS MiB loaded"]  # fmt: skip
+    m = results["machine"]
+    head = f"llmapi beside its peers, small model, T = {results['new_tokens']}, {m['cpus']} CPUs, commit {m['commit']}"
+    return "\n\n".join(
+        [head, "In process, greedy, new tokens/s:", table(["engine", "threads", "batch 1", "batch 8"], ct2_rows),
+         "Through HTTP, closed-loop clients:", table(header, rows), "Targets:", peer_targets(p)]
+    )  # fmt: skip
+
+
+def peer_targets(p: dict[str, Any]) -> str:
+    """The issue's targets for every llmapi variant of a --peers run."""
+    ct2_int8 = p["ct2"]["int8"]["batch8"]["tokens_per_s"]
+    llama = p["llama"].get("bf16", {}).get("loads", {})
+    before = p["servers"].get("fp32 2x1 (before)", {}).get("memory_after_load", {}).get("pss_mib")
+    rows = []
+    for name, f in p["servers"].items():
+        if name == "baseline":
+            continue
+        got = {load: r for load, r in f["loads"].items()}
+
+        def rate(load: str, got: dict[str, Any] = got) -> float | None:
+            return got.get(load, {}).get("tokens_per_s")
+
+        one, generate = got.get("greedy/1", {}), p["generate"].get(name, {}).get("generate_s")
+        rows += [
+            [name, "8 clients / CT2 int8 batch 8", ">= 1.0", ratio(rate("greedy/8"), ct2_int8)],
+            [name, "32 clients / CT2 int8 batch 8", ">= 1.5", ratio(rate("greedy/32"), ct2_int8)],
+            [name, "32 clients / llama-server bf16 32 clients", ">= 0.8", ratio(rate("greedy/32"), _rate(llama, 32))],
+            [name, "1 client p50 / in-process generate (same dtype)", "<= 1.15", ratio(one.get("p50_s"), generate)],
+            [name, "1 client / llama-server bf16 1 client", "report", ratio(rate("greedy/1"), _rate(llama, 1))],
+            [name, "PSS after load / fp32 server before", "<= 0.6", ratio(f["memory_after_load"]["pss_mib"], before)],
+        ]
+    return table(["llmapi", "target", "goal", "measured"], rows)
+
+
+def _rate(loads: dict[str, Any], clients: int) -> float | None:
+    """tokens/s of the greedy run at `clients`, if there is one."""
+    return loads.get(f"greedy/{clients}", {}).get("tokens_per_s")

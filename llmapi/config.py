@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from llmapi.cpus import available_cpus
+from llmapi.cpus import available_cpus, nvidia_gpu_visible
 
 DEFAULT_MODEL = "sshleifer/tiny-gpt2"
 ENGINE_MODES = ("batch", "simple")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZATIONS = ("none", "int8")
 
 
 class ConfigError(ValueError):
@@ -97,7 +100,9 @@ class Settings:
     torch_threads: int = env("TORCH_THREADS", 0, doc="torch threads per worker; 0 = cores / workers")
     max_batch_size: int = env("MAX_BATCH_SIZE", 8, doc="most sequences decoded together in one worker")
     batch_wait_ms: float = env("BATCH_WAIT_MS", 2.0, doc="how long a new batch waits for company")
-    workers: int = env("WEB_CONCURRENCY", 2, doc="gunicorn worker processes, each with its own model")
+    web_concurrency: int = env(
+        "WEB_CONCURRENCY", 0, doc="gunicorn worker processes, each with its own model; 0 = 1 on a GPU, else 2"
+    )
     threads: int = env("GUNICORN_THREADS", 32, doc="gunicorn threads per worker (concurrent requests)")
     bind: str = env("BIND", "0.0.0.0:8000", doc="address gunicorn listens on")
     log_level: str = env("LOG_LEVEL", "info", doc="debug, info, warning or error")
@@ -121,6 +126,11 @@ class Settings:
     engine_mode: str = env(
         "ENGINE_MODE", "batch", doc="batch (continuous batching) or simple (one generate per request: the baseline)"
     )
+    dtype: str = env(
+        "DTYPE", "auto", doc="auto, float32, bfloat16 or float16; auto = bf16 where it is native and pays, else fp32"
+    )
+    device: str = env("DEVICE", "auto", doc="auto (cuda when a GPU is there, else cpu), cpu, cuda or cuda:N")
+    quantization: str = env("QUANTIZATION", "none", doc="none, or int8: int8 weights, fp32 activations (CPU only)")
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -136,6 +146,18 @@ class Settings:
     def admission_limit(self) -> int:
         """Generation requests one worker admits at once: always fewer than its threads."""
         return self.max_inflight or self.threads - 1
+
+    @property
+    def on_gpu(self) -> bool:
+        """Whether the model goes to a GPU: DEVICE names cuda, or is auto and the NVIDIA driver lists a GPU."""
+        return self.device.startswith("cuda") or (self.device == "auto" and nvidia_gpu_visible())
+
+    @property
+    def workers(self) -> int:
+        """gunicorn worker processes: WEB_CONCURRENCY, else one on a GPU (one copy of the model there), else 2."""
+        if self.web_concurrency > 0:
+            return self.web_concurrency
+        return 1 if self.on_gpu else 2
 
     @property
     def threads_per_worker(self) -> int:
@@ -174,7 +196,6 @@ class Settings:
             "MAX_BODY_BYTES": self.max_body_bytes,
             "GENERATION_TIMEOUT_MAX_MS": self.timeout_max_ms,
             "MAX_BATCH_SIZE": self.max_batch_size,
-            "WEB_CONCURRENCY": self.workers,
             "GUNICORN_THREADS": self.threads,
             "OPENAI_MAX_CHOICES": self.openai_max_choices,
         }
@@ -193,11 +214,31 @@ class Settings:
             )
         if self.torch_threads < 0 or self.batch_wait_ms < 0 or self.model_retry_seconds < 0:
             raise ConfigError("TORCH_THREADS, BATCH_WAIT_MS and MODEL_RETRY_SECONDS must not be negative")
+        self._check_model()
         if self.engine_mode not in ENGINE_MODES:
             raise ConfigError(f"ENGINE_MODE must be batch or simple, got {self.engine_mode!r}")
         if self.log_level.lower() not in {"debug", "info", "warning", "error", "critical"}:
             raise ConfigError(f"LOG_LEVEL must be debug, info, warning or error, got {self.log_level!r}")
         self._check_operations()
+
+    def _check_model(self) -> None:
+        """Refuse a dtype, device or quantization the loader does not know."""
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"DTYPE must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"DEVICE must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.web_concurrency < 0:
+            raise ConfigError(
+                f"WEB_CONCURRENCY must be at least 1 (0 = 1 on a GPU, else 2), got {self.web_concurrency}"
+            )
+        if self.quantization not in QUANTIZATIONS:
+            raise ConfigError(f"QUANTIZATION must be none or int8, got {self.quantization!r}")
+        if self.quantization == "int8" and self.dtype not in ("auto", "float32"):
+            raise ConfigError(
+                f"QUANTIZATION=int8 computes in float32 (int8 weights): DTYPE={self.dtype} cannot go with it"
+            )
+        if self.quantization == "int8" and self.device.startswith("cuda"):
+            raise ConfigError("QUANTIZATION=int8 is torch's CPU dynamic quantization: it does not run with DEVICE=cuda")
 
     def _check_operations(self) -> None:
         """Refuse operations settings that would break the promises made in docs/operations.md."""

@@ -1,4 +1,4 @@
-"""How many CPUs this process may use: its affinity, capped by a container's CPU quota."""
+"""What this machine offers the model: the CPUs this process may use, their bf16 flags, and a GPU if any."""
 
 from __future__ import annotations
 
@@ -42,3 +42,38 @@ def v1_quota(cgroup: Path) -> tuple[str, str]:
         except OSError:
             continue
     return "", ""
+
+
+CPUINFO = Path("/proc/cpuinfo")
+# CPU flags (as /proc/cpuinfo names them) whose instructions compute bf16 matmuls natively: AVX-512 BF16
+# (Zen 4, Cooper Lake and later) or AMX (Sapphire Rapids and later). Without them torch emulates bf16 in fp32.
+BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def cpu_flags(cpuinfo: Path = CPUINFO) -> frozenset[str]:
+    """The feature flags of this machine's first CPU, from /proc/cpuinfo (empty where it cannot be read)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def native_bf16(flags: frozenset[str] | None = None) -> bool:
+    """Whether this CPU (or one with `flags`) computes bf16 matmuls in hardware."""
+    return bool(BF16_FLAGS & (cpu_flags() if flags is None else flags))
+
+
+NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")
+
+
+def nvidia_gpu_visible(gpus: Path = NVIDIA_GPUS) -> bool:
+    """Whether the NVIDIA driver lists a GPU here, found without importing torch (the gunicorn master never does)."""
+    try:
+        return any(gpus.iterdir()) and os.environ.get("CUDA_VISIBLE_DEVICES", "0") not in ("", "-1")
+    except OSError:
+        return False

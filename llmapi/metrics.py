@@ -90,6 +90,12 @@ class Metrics:
             ["reason"],
             **reg,
         )
+        self.model_info = Gauge(
+            "model_info",
+            "workers with their model loaded, by the dtype and device it runs in",
+            ["dtype", "device"],
+            **live,
+        )
 
     def init_app(self, app: Flask) -> None:
         """Count every request, a stream when its response is closed, so that it is timed to its end."""
@@ -129,13 +135,15 @@ class Metrics:
             if name in timings:
                 histogram.observe(timings[name])
 
-    def observe_load(self, seconds: float | None) -> None:
-        """Record a model load: its duration, or None when it failed."""
+    def observe_load(self, seconds: float | None, *, placement: dict[str, str] | None = None) -> None:
+        """Record a model load: its duration (None when it failed) and the dtype and device it chose."""
         if seconds is None:
             self.model_load_failures.inc()
         else:
             self.model_load.observe(seconds)
             self.models_loaded.set(1)
+            if placement:
+                self.model_info.labels(placement.get("dtype", ""), placement.get("device", "")).set(1)
 
     def render(self) -> bytes:
         """The text exposition of every worker's metrics (or of this process's alone, outside gunicorn)."""

@@ -179,7 +179,7 @@ def sharp(tiny_model: str, tmp_path_factory: pytest.TempPathFactory):
         eos_token_id=tiny_config.eos_token_id,
     )
     GPT2LMHeadModel(config).save_pretrained(path)
-    return create_engine(str(path), threads=1, max_batch_size=8, batch_wait_ms=5)
+    return create_engine(str(path), threads=1, max_batch_size=8, batch_wait_ms=5, dtype="float32")
 
 
 def free_port() -> int:

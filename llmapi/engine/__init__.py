@@ -1,5 +1,6 @@
 """The model side: loading, batching and decoding. Importing this package imports no torch."""
 
+import gc
 import os
 
 from llmapi.engine.types import (
@@ -28,17 +29,25 @@ def create_engine(
     max_batch_size: int = 8,
     batch_wait_ms: float = 2.0,
     mode: str = "batch",
+    device: str = "auto",
+    dtype: str = "auto",
+    quantization: str = "none",
 ):  # -> llmapi.engine.batching.Engine, typed loosely so that importing this package stays torch-free
-    """Load `model_name` and start an engine on it (mode "batch", or "simple": the baseline); imports torch."""
+    """Load `model_name` on `device` in `dtype` and start an engine on it (mode "batch", or "simple": the baseline).
+
+    Imports torch.
+    """
     # The Rust tokenizer's own thread pool must not start in a process that serves threads of its own.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from llmapi.engine.batching import Engine
     from llmapi.engine.loader import load, set_threads
-    from llmapi.engine.tuning import keep_freed_memory
+    from llmapi.engine.tuning import keep_freed_memory, release_freed_memory
 
     keep_freed_memory()
     set_threads(threads)
-    loaded = load(model_name, revision=revision)
+    loaded = load(model_name, revision=revision, device=device, dtype=dtype, quantization=quantization)
+    gc.collect()  # the fp32 copies that bf16 or int8 replaced, before their pages go back
+    release_freed_memory()
     if mode == "simple":
         from llmapi.engine.simple import SimpleEngine
 

@@ -25,6 +25,11 @@ class ModelFront:
         return self.loaded.name
 
     @property
+    def placement(self) -> dict[str, str]:
+        """Where the model runs and in which dtype, as plain strings for /ready and the metrics."""
+        return {"device": self.loaded.device, "dtype": self.loaded.dtype}
+
+    @property
     def context_length(self) -> int:
         """How many tokens (prompt plus new) fit the model."""
         return self.loaded.context_length

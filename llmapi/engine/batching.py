@@ -179,31 +179,37 @@ class Row:
 class Lane:
     """Rows decoded together, one forward pass per step; `next_ids` holds each row's token to feed next."""
 
-    def __init__(self, rows: list[Row], cache: Any, mask: torch.Tensor, positions: torch.Tensor) -> None:
+    def __init__(self, rows: list[Row], cache: Any, mask: torch.Tensor, positions: torch.Tensor, padded: bool) -> None:
         self.rows = rows
         self.cache = cache
         self.mask = mask  # [rows, cache length]: 1 where the cache holds a real token, 0 for left padding
         self.positions = positions  # [rows, 1]: the position of each row's last token in the cache
-        self.next_ids = torch.empty((0, 1), dtype=torch.long)
+        self.next_ids = torch.empty((0, 1), dtype=torch.long, device=mask.device)
         self.solo = rows[0].solo
+        # Whether any row has left padding, known on the host: a step never asks the device (one sync fewer).
+        self.padded = padded
 
     def keep(self, index: list[int]) -> None:
         """Keep only the rows at `index`, and drop cache columns that are padding in every row left."""
         self.rows = [self.rows[i] for i in index]
         if not self.rows:
             return
-        select = torch.tensor(index, dtype=torch.long)
+        select = torch.tensor(index, dtype=torch.long).to(self.mask.device)
         self.cache.batch_select_indices(select)
         self.mask, self.positions, self.next_ids = self.mask[select], self.positions[select], self.next_ids[select]
-        lead = int(self.mask.any(dim=0).to(torch.int8).argmax())
+        if not self.padded:
+            return
+        lead = int(self.mask.any(dim=0).to(torch.int8).argmax())  # a device sync, only when a padded row leaves
         if lead:
             self.mask = self.mask[:, lead:]
             for layer in self.cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
+        self.padded = not bool(self.mask[:, 0].all())
 
     def merge(self, other: Lane) -> None:
         """Append `other`'s rows: the shorter cache and mask are padded on the left to the longer one."""
         width = max(self.mask.shape[1], other.mask.shape[1])
+        self.padded = self.padded or other.padded or self.mask.shape[1] != other.mask.shape[1]
         for mine, theirs in zip(self.cache.layers, other.cache.layers):
             mine.keys = torch.cat([_pad_left(mine.keys, width, 2), _pad_left(theirs.keys, width, 2)])
             mine.values = torch.cat([_pad_left(mine.values, width, 2), _pad_left(theirs.values, width, 2)])
@@ -369,13 +375,14 @@ class Engine(ModelFront):
             return None
         for row in rows:
             row.timings["queue_s"] = now - row.submitted
+        lengths = [len(row.prompt_ids) for row in rows]
         input_ids, mask = self._left_pad([row.prompt_ids for row in rows])
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.loaded.model(
             input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
         )
-        lane = Lane(rows, out.cache, mask, positions[:, -1:])
-        self._choose(lane, out.logits[:, -1, :].float())
+        lane = Lane(rows, out.cache, mask, positions[:, -1:], padded=min(lengths) < max(lengths))
+        self._choose(lane, out.logits[:, -1, :].float())  # fp32 whatever the model computes in: see sampling
         return lane
 
     def _step(self, lane: Lane) -> None:
@@ -395,11 +402,11 @@ class Engine(ModelFront):
             use_cache=True,
         )
         lane.cache = out.cache
-        self._choose(lane, out.logits[:, -1, :].float())
+        self._choose(lane, out.logits[:, -1, :].float())  # fp32 whatever the model computes in: see sampling
 
     def _step_mask(self, lane: Lane) -> torch.Tensor | None:
         """The attention mask of a decode step: none without padding, else 4-D boolean for SDPA, else 2-D."""
-        if bool(lane.mask[:, 0].all()):  # padding is only ever on the left: no row has any
+        if not lane.padded:
             return None
         if self._bool_masks:
             return lane.mask.bool()[:, None, None, :]
@@ -407,7 +414,8 @@ class Engine(ModelFront):
 
     def _choose(self, lane: Lane, logits: torch.Tensor) -> None:
         """Pick each row's next token, hand it to the row, and let finished rows leave the lane at once."""
-        tokens = choose(logits, [row.controls for row in lane.rows], self._eos_list)
+        chosen = choose(logits, [row.controls for row in lane.rows], self._eos_list)  # on the logits' device
+        tokens = chosen.tolist()  # the one copy to the host a step makes
         now = time.monotonic()
         size = len(lane.rows)
         self._rate.add(size)
@@ -423,7 +431,7 @@ class Engine(ModelFront):
                 keep.append(i)
             else:
                 row.finish(self.model_name, now)
-        lane.next_ids = torch.tensor(tokens, dtype=torch.long).unsqueeze(-1)
+        lane.next_ids = chosen.to(torch.long).unsqueeze(-1)
         if len(keep) < size:
             lane.keep(keep)
 
@@ -437,11 +445,12 @@ class Engine(ModelFront):
         return [row for row in rows if row.finish_reason is None]
 
     def _left_pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-pad token lists into ids and attention mask tensors."""
+        """Left-pad token lists into ids and attention mask tensors, on the model's device."""
         width = max(len(seq) for seq in sequences)
         ids = torch.full((len(sequences), width), self.loaded.pad_id, dtype=torch.long)
         mask = torch.zeros((len(sequences), width), dtype=torch.long)
         for i, seq in enumerate(sequences):
             ids[i, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
             mask[i, width - len(seq) :] = 1
-        return ids, mask
+        device = self.loaded.device
+        return (ids, mask) if device == "cpu" else (ids.to(device), mask.to(device))

@@ -24,6 +24,9 @@ class LoadedModel:
     pad_id: int
     context_length: int
     load_seconds: float
+    device: str = "cpu"
+    dtype: str = "float32"
+    placement_reason: str = ""
 
 
 def set_threads(threads: int) -> None:
@@ -54,10 +57,14 @@ def _context_length(model: Any, tokenizer: Any) -> int:
     return int(tokenizer.model_max_length)
 
 
-def load(name: str, *, revision: str | None = None) -> LoadedModel:
-    """Load `name` (hub id or directory) for CPU inference."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load(
+    name: str, *, revision: str | None = None, device: str = "cpu", dtype: str = "float32", quantization: str = "none"
+) -> LoadedModel:
+    """Load `name` (hub id or directory) on DEVICE `device` in DTYPE `dtype` (each may be "auto"), int8 if asked."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
+
+    from llmapi.engine.precision import count_parameters, place, quantize_int8
 
     # Progress bars and length warnings go to the server log for every load; our own log says enough.
     hf_logging.set_verbosity_error()
@@ -67,8 +74,19 @@ def load(name: str, *, revision: str | None = None) -> LoadedModel:
     if os.path.isdir(name):
         options["local_files_only"] = True
     tokenizer = AutoTokenizer.from_pretrained(name, **options)
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, **options)
+    config = AutoConfig.from_pretrained(name, **options)
+    parameters = count_parameters(config)
+    # Chosen before loading, so that the weights are read straight into the dtype: never an fp32 copy first.
+    placement = place(device, dtype, config=config, parameters=parameters, quantization=quantization)
+    log.info(
+        "pid=%d placing %s (%s parameters) on %s in %s: %s",
+        os.getpid(), name, f"{parameters:,}", placement.device, placement.dtype, placement.reason,
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=placement.torch_dtype, **options)
+    model.to(placement.device)
     model.eval()
+    if quantization == "int8":
+        model = quantize_int8(model)
     eos_ids = _eos_ids(model, tokenizer)
     # GPT-2 and many others ship no pad token; padded positions are masked, so any id will do.
     if tokenizer.pad_token_id is None:
@@ -83,4 +101,7 @@ def load(name: str, *, revision: str | None = None) -> LoadedModel:
         pad_id=pad_id,
         context_length=_context_length(model, tokenizer),
         load_seconds=time.perf_counter() - started,
+        device=placement.device,
+        dtype="int8" if quantization == "int8" else placement.dtype,
+        placement_reason=placement.reason,
     )

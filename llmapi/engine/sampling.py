@@ -6,6 +6,10 @@ flushed to zero. A sampled row draws its uniform numbers from its own generator 
 the inverse CDF), so its draws do not depend on its neighbours; an exponential race would need 50,257 of them per
 row and step. Every pass over the [batch, vocab] scores costs ~25 us at batch 8, so the sampler makes as few as it can:
 numpy's max, one multiply, exp2 and the block sums; the rest works on [batch, blocks] and [batch, BLOCK].
+
+Logits on a GPU take `choose_on_device`, in torch alone: nothing leaves the device but the chosen tokens (the
+engine's one copy per step), and the rows' uniform numbers, drawn from the same per-row CPU generators, go the
+other way, so that a seed gives the same draws on either device.
 """
 
 from __future__ import annotations
@@ -69,10 +73,12 @@ def argmax(scores: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(scores.numpy().argmax(axis=-1))
 
 
-def choose(logits: torch.Tensor, rows: Sequence[RowControls], eos_ids: Sequence[int]) -> list[int]:
-    """Return one token id per row of `logits` ([batch, vocab], float32; modified in place)."""
+def choose(logits: torch.Tensor, rows: Sequence[RowControls], eos_ids: Sequence[int]) -> torch.Tensor:
+    """Return one token id per row of `logits` ([batch, vocab], float32; modified in place), on its device."""
+    if logits.device.type != "cpu":
+        return choose_on_device(logits, rows, eos_ids)
     if all(row.plain for row in rows):
-        return argmax(logits).tolist()
+        return argmax(logits)
     penalised = [i for i, row in enumerate(rows) if row.repetition_penalty != 1.0 and row.seen]
     if penalised:
         apply_repetition_penalty(logits, [rows[i] for i in penalised], penalised)
@@ -85,14 +91,55 @@ def choose(logits: torch.Tensor, rows: Sequence[RowControls], eos_ids: Sequence[
         picked = _greedy(part, group, eos_ids) if greedy else sample(part, group, eos_ids)
         for i, token in zip(index, picked.tolist()):
             tokens[i] = token
+    return torch.tensor(tokens)
+
+
+def choose_on_device(logits: torch.Tensor, rows: Sequence[RowControls], eos_ids: Sequence[int]) -> torch.Tensor:
+    """`choose` in torch operations alone, for logits on a GPU (it runs on CPU tensors too, for the tests).
+
+    Greedy rows take the argmax; sampled rows the inverse CDF over the whole vocabulary (one cumsum, one
+    searchsorted), which on a GPU costs less than rejection's per-row scalar reads would.
+    """
+    device = logits.device
+    if all(row.plain for row in rows):
+        return logits.argmax(dim=-1)
+    penalised = [i for i, row in enumerate(rows) if row.repetition_penalty != 1.0 and row.seen]
+    if penalised:
+        apply_repetition_penalty(logits, [rows[i] for i in penalised], penalised)
+    suppressed = [i for i, row in enumerate(rows) if row.suppress_eos]
+    if suppressed and eos_ids:
+        row_index = torch.tensor(suppressed, device=device).unsqueeze(-1)
+        logits[row_index, torch.tensor(list(eos_ids), device=device)] = -math.inf
+    tokens = logits.argmax(dim=-1)
+    sampled = [i for i, row in enumerate(rows) if not row.greedy]
+    if sampled:
+        part, group = _subset(logits, rows, sampled)
+        tokens[torch.tensor(sampled, device=device)] = _device_sample(part, group)
     return tokens
+
+
+def _device_sample(scores: torch.Tensor, rows: Sequence[RowControls]) -> torch.Tensor:
+    """Draw one token per row by inverse CDF after temperature, top-k and top-p, in torch on `scores`' device."""
+    device = scores.device
+    scale = torch.tensor([LOG2_E / row.temperature for row in rows], device=device).unsqueeze(-1)
+    log2w = (scores - scores.amax(dim=-1, keepdim=True)) * scale
+    top_k = [row.top_k if 0 < row.top_k < scores.shape[-1] else 0 for row in rows]
+    if any(top_k):
+        log2w = _top_k(log2w, top_k)
+    top_p = [row.top_p for row in rows]
+    if any(p < 1.0 for p in top_p):
+        log2w = _top_p(log2w, top_p)
+    cdf = torch.exp2(log2w).cumsum(dim=-1)
+    uniforms = torch.tensor([row.uniform() for row in rows], dtype=cdf.dtype, device=device)
+    target = (uniforms * cdf[:, -1]).unsqueeze(-1)
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=scores.shape[-1] - 1)
 
 
 def _subset(
     scores: torch.Tensor, rows: Sequence[RowControls], index: list[int]
 ) -> tuple[torch.Tensor, list[RowControls]]:
     """The scores and controls of the rows at `index`: `scores` itself when that is every row, else a copy."""
-    part = scores if len(index) == len(rows) else scores[torch.tensor(index)]
+    part = scores if len(index) == len(rows) else scores[torch.tensor(index, device=scores.device)]
     return part, [rows[i] for i in index]
 
 
@@ -113,9 +160,10 @@ def apply_repetition_penalty(logits: torch.Tensor, rows: Sequence[RowControls], 
     """Divide positive (multiply negative) scores of tokens each row has seen by its penalty, as CTRL does."""
     ids = [torch.tensor(sorted(row.seen), dtype=torch.long) for row in rows]
     counts = torch.tensor([len(t) for t in ids])
-    row_index = torch.repeat_interleave(torch.tensor(index), counts)
-    col_index = torch.cat(ids)
-    penalty = torch.repeat_interleave(torch.tensor([row.repetition_penalty for row in rows]), counts)
+    device = logits.device
+    row_index = torch.repeat_interleave(torch.tensor(index), counts).to(device)
+    col_index = torch.cat(ids).to(device)
+    penalty = torch.repeat_interleave(torch.tensor([row.repetition_penalty for row in rows]), counts).to(device)
     picked = logits[row_index, col_index]
     logits[row_index, col_index] = torch.where(picked < 0, picked * penalty, picked / penalty)
 
@@ -198,7 +246,7 @@ def log2_weights_(scores: torch.Tensor, temperatures: Sequence[float], peak: np.
 def _top_k(log2w: torch.Tensor, top_k: list[int]) -> torch.Tensor:
     """Keep each row's k highest weights (k = 0: keep all)."""
     kept = torch.topk(log2w, max(top_k), dim=-1).values
-    ks = torch.tensor(top_k)
+    ks = torch.tensor(top_k, device=log2w.device)
     kth = kept.gather(1, (ks - 1).clamp(min=0).unsqueeze(-1))
     kth[ks == 0] = float("-inf")
     return log2w.masked_fill(log2w < kth, float("-inf"))
@@ -208,7 +256,7 @@ def _top_p(log2w: torch.Tensor, top_p: list[float]) -> torch.Tensor:
     """Keep each row's smallest set of tokens whose probability mass reaches its top_p (always at least one)."""
     ordered, order = torch.sort(log2w, dim=-1, descending=True)
     probs = torch.softmax(ordered * math.log(2.0), dim=-1)
-    drop = probs.cumsum(dim=-1) - probs >= torch.tensor(top_p, dtype=probs.dtype).unsqueeze(-1)
+    drop = probs.cumsum(dim=-1) - probs >= torch.tensor(top_p, dtype=probs.dtype, device=probs.device).unsqueeze(-1)
     drop[:, 0] = False
     return log2w.scatter(1, order, ordered.masked_fill(drop, float("-inf")))
 

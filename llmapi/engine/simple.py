@@ -98,7 +98,9 @@ class SimpleEngine(ModelFront):
             if seed is not None:
                 torch.manual_seed(seed)
             try:
-                input_ids = torch.tensor([prompt_ids])
+                input_ids = torch.tensor([prompt_ids], device=self.loaded.device)
+                # generate upcasts each step's logits to fp32 before its processors and sampling (transformers
+                # 5.24, generation/utils.py: `.to(dtype=torch.float32)`), as the batching engine does itself.
                 with torch.inference_mode():
                     output = self.loaded.model.generate(
                         input_ids=input_ids,

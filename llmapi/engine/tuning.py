@@ -32,3 +32,15 @@ def keep_freed_memory() -> bool:
     if not ok:
         log.info("malloc tuning not available on this platform")
     return ok
+
+
+def release_freed_memory() -> bool:
+    """Give the heap's free pages back to the kernel once (glibc malloc_trim); True if some were released.
+
+    Called once after the model loads: reading fp32 weights into bf16, or quantizing them to int8, frees the
+    fp32 copies, and with the settings above glibc may keep small freed blocks resident for the worker's life.
+    """
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0) == 1
+    except (OSError, AttributeError):
+        return False

@@ -21,6 +21,8 @@ class ReadySchema(Schema):
 
     status = fields.String(required=True, metadata={"example": "ready"})
     model = fields.String(required=True, metadata={"description": "the model this worker has loaded"})
+    dtype = fields.String(metadata={"description": "what the model computes in (DTYPE)", "example": "bfloat16"})
+    device = fields.String(metadata={"description": "where the model runs (DEVICE)", "example": "cpu"})
 
 
 blp = Blueprint("health", __name__, description="Probes for load balancers and orchestrators.")
@@ -46,7 +48,7 @@ def ready() -> dict[str, str]:
     """
     service = engine_service()
     if service.loaded:
-        return {"status": "ready", "model": service.settings.model_name}
+        return {"status": "ready", "model": service.settings.model_name, **service.placement}
     if service.settings.warmup:
         service.warm()
     if service.failure:

@@ -35,6 +35,9 @@ def load_engine(settings: Settings) -> EngineLike:
         max_batch_size=settings.max_batch_size,
         batch_wait_ms=settings.batch_wait_ms,
         mode=settings.engine_mode,
+        device=settings.device,
+        dtype=settings.dtype,
+        quantization=settings.quantization,
     )
 
 
@@ -60,6 +63,11 @@ class EngineService:
     def loaded(self) -> bool:
         """Whether the model is loaded in this process."""
         return self._engine is not None
+
+    @property
+    def placement(self) -> dict[str, str]:
+        """The loaded model's device and dtype (empty before it loads, or from an engine that has none)."""
+        return dict(getattr(self._engine, "placement", None) or {})
 
     @property
     def loading(self) -> bool:
@@ -144,7 +152,7 @@ class EngineService:
         self._failure = None
         seconds = time.perf_counter() - started
         log.info("pid=%d loaded model %s in %.2fs", os.getpid(), name, seconds)
-        self.metrics.observe_load(seconds)
+        self.metrics.observe_load(seconds, placement=self.placement)
         return self._engine
 
 
