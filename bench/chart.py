@@ -59,7 +59,7 @@ def draw(results: dict[str, Any], out: Path) -> Path:
     for row, (size, lines) in enumerate(sorted(models.items())):
         speed, latency = axes[row]
         for n, (label, points) in enumerate(sorted(lines.items())):
-            clients = sorted(points)
+            clients = sorted(c for c in points if points[c][1] is not None)  # a window with no answer has no latency
             color = f"C{n}"
             speed.plot(clients, [points[c][0] for c in clients], "o-", color=color, label=label)
             latency.plot(clients, [points[c][1] * 1000 for c in clients], "o-", color=color, label=f"{label} p50")
@@ -82,3 +82,20 @@ def draw(results: dict[str, Any], out: Path) -> Path:
     fig.savefig(out, dpi=90)
     plt.close(fig)
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: python -m bench.chart RESULTS.json [OUT.png] (redraw a run's chart from its JSON)."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m bench.chart", description=__doc__)
+    parser.add_argument("results", type=Path)
+    parser.add_argument("out", type=Path, nargs="?")
+    args = parser.parse_args(argv)
+    print(draw(json.loads(args.results.read_text()), args.out or args.results.with_suffix(".png")))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
