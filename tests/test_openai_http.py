@@ -362,22 +362,12 @@ def test_openai_validation_is_400_naming_the_parameter(client, path, body, param
 @pytest.mark.parametrize(
     ("path", "param", "value"),
     [
-        ("/completions", "logprobs", 2),
-        ("/completions", "logprobs", 0),
         ("/completions", "suffix", " end"),
         ("/completions", "best_of", 2),
-        ("/completions", "presence_penalty", 0.5),
-        ("/completions", "frequency_penalty", -1),
-        ("/completions", "logit_bias", {"50256": -100}),
-        ("/chat/completions", "logprobs", True),
-        ("/chat/completions", "top_logprobs", 2),
         ("/chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}]),
         ("/chat/completions", "tool_choice", "auto"),
         ("/chat/completions", "functions", [{"name": "f"}]),
         ("/chat/completions", "function_call", "auto"),
-        ("/chat/completions", "response_format", {"type": "json_object"}),
-        ("/chat/completions", "presence_penalty", 1),
-        ("/chat/completions", "logit_bias", {"1": 1}),
         ("/chat/completions", "audio", {"voice": "alloy"}),
         ("/chat/completions", "modalities", ["text", "audio"]),
         ("/chat/completions", "reasoning_effort", "low"),
@@ -391,6 +381,34 @@ def test_openai_unsupported_parameters_are_400_naming_them(client, path, param, 
     body = {**(CHAT if "chat" in path else PROMPT), param: value}
     error = assert_error(post(client, path, body), 400, param=param)
     assert param in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("path", "param", "value"),
+    [
+        ("/completions", "logprobs", 6),
+        ("/completions", "logprobs", True),
+        ("/completions", "max_tokens", 0),  # 0 only with echo
+        ("/completions", "presence_penalty", 2.5),
+        ("/completions", "frequency_penalty", -2.01),
+        ("/completions", "logit_bias", {"x": 1}),
+        ("/completions", "logit_bias", {"1": 101}),
+        ("/completions", "logit_bias", [1]),
+        ("/completions", "min_p", 1.5),
+        ("/completions", "top_k", -2),
+        ("/completions", "min_tokens", 99),  # above max_tokens
+        ("/chat/completions", "top_logprobs", 21),
+        ("/chat/completions", "top_logprobs", 2),  # without logprobs: true
+        ("/chat/completions", "logprobs", 1),
+        ("/chat/completions", "response_format", {"type": "xml"}),
+        ("/chat/completions", "response_format", {"type": "json_schema"}),
+        ("/chat/completions", "response_format", {"type": "json_schema", "json_schema": {"name": "a", "schema": 3}}),
+        ("/chat/completions", "repetition_penalty", 0),
+    ],
+)
+def test_openai_new_parameters_out_of_range_are_400_naming_them(client, path, param, value):
+    body = {**(CHAT if "chat" in path else PROMPT), "max_tokens": 4, param: value}
+    assert_error(post(client, path, body), 400, param=param)
 
 
 def test_openai_generate_keeps_its_422(client):

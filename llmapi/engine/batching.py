@@ -21,12 +21,13 @@ from typing import Any
 
 import torch
 
+from llmapi.engine import logprobs
 from llmapi.engine.base import ModelFront
 from llmapi.engine.bytelevel import fast_decoder
 from llmapi.engine.loader import LoadedModel
 from llmapi.engine.sampling import RowControls, choose
 from llmapi.engine.text import IncrementalDecoder, StopMatcher
-from llmapi.engine.types import EngineError, GenerationRequest, GenerationResult
+from llmapi.engine.types import EngineError, GenerationRequest, GenerationResult, Piece, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,16 @@ class Row:
             suppress_eos=request.min_new_tokens > 0,
             seen=set(prompt_ids) if request.repetition_penalty != 1.0 else set(),
             generator=generator,
+            frequency_penalty=request.frequency_penalty,
+            presence_penalty=request.presence_penalty,
+            bias=dict(request.logit_bias),
+            min_p=request.min_p,
         )
+        # Log-probabilities (engine/logprobs.py) and the grammar's matcher (engine/grammar.py), when asked for.
+        self.logprobs: list[TokenLogprob] = []
+        self.logprobs_sent = 0
+        self.prompt_logprobs: tuple[TokenLogprob, ...] | None = None
+        self.grammar: Any = None  # a grammar.Matcher, set by the engine at submit
 
     @property
     def generated(self) -> int:
@@ -116,16 +126,23 @@ class Row:
             elif now >= self.deadline:
                 self.finish_reason = "timeout"
 
-    def push(self, token: int, eos_ids: frozenset[int]) -> None:
+    def push(self, token: int, eos_ids: frozenset[int], logprob: TokenLogprob | None = None) -> None:
         """Take the next token: end on EOS, a stop sequence or the length limit; stream what is safe."""
         request = self.request
         if token in eos_ids and self.generated >= request.min_new_tokens:
             self.decoder.ids.append(token)
             self.finish_reason = "eos"
             return
+        if logprob is not None:
+            self.logprobs.append(logprob)
+        complete = self.grammar is not None and self.grammar.advance(token)
         self.controls.saw(token)
         self.controls.suppress_eos = self.generated + 1 < request.min_new_tokens
         self._add_text(self.decoder.push(token))
+        if complete and self.finish_reason is None:
+            # The grammar is complete: its only next token would be end-of-sequence, so end here, a step early.
+            self._add_text(self.decoder.flush())
+            self.finish_reason = self.finish_reason or "eos"
         if self.finish_reason is None and self.generated >= request.max_new_tokens:
             self.finish_reason = "length"
 
@@ -146,9 +163,12 @@ class Row:
         if not self.request.stream:
             return
         safe = len(self.text) - (0 if self.finish_reason else self.stops.held_back(self.text))
-        if safe > self.sent:
-            self.handle._send("piece", self.text[self.sent : safe])
+        held = len(self.logprobs) > self.logprobs_sent and self.finish_reason is not None
+        if safe > self.sent or held:
+            scored = tuple(self.logprobs[self.logprobs_sent :]) if len(self.logprobs) > self.logprobs_sent else ()
+            self.handle._send("piece", Piece(self.text[self.sent : safe], scored))
             self.sent = safe
+            self.logprobs_sent = len(self.logprobs)
 
     def finish(self, model: str, now: float) -> None:
         """Flush the decoder, send the last piece and the result."""
@@ -171,6 +191,8 @@ class Row:
             seed=self.seed,
             stop_sequence=self.stop_sequence,
             timings=self.timings,
+            logprobs=tuple(self.logprobs) if self.request.logprobs is not None else None,
+            prompt_logprobs=self.prompt_logprobs,
         )
         self.handle._send("done", result)
 
@@ -236,6 +258,7 @@ class Engine(ModelFront):
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_ms / 1000.0
         self._piece_decode = fast_decoder(loaded.tokenizer, self.decode)
+        self._texts = logprobs.TokenTexts(loaded.tokenizer, self.decode)
         self._eos_list = sorted(loaded.eos_ids)
         # With SDPA attention a decode step's mask is just "may row r see key k": built here as a view instead of
         # by transformers' mask functions, which cost about a tenth of a tiny model's step.
@@ -253,8 +276,11 @@ class Engine(ModelFront):
         """Queue `request` and return its handle; raise ContextLengthExceeded when it cannot fit."""
         submitted = time.monotonic()
         prompt_ids = self.prompt_ids(request)
+        self.check_request(request)
         handle = Handle(request)
         row = Row(handle, prompt_ids, IncrementalDecoder(self._piece_decode), submitted)
+        if request.grammar is not None:  # compiled (or found in the cache) here, in the caller's thread
+            row.grammar = self.grammars().matcher(request.grammar)
         with self._wakeup:
             if self._closing:
                 raise EngineError("the engine was shut down")
@@ -353,9 +379,20 @@ class Engine(ModelFront):
             row.timings["queue_s"] = now - row.submitted
         input_ids, mask = self._left_pad([row.prompt_ids for row in rows])
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        # Rows that score their prompt need every position's logits; any such row makes this prefill keep them all.
+        scoring = [i for i, row in enumerate(rows) if row.request.needs_prompt_logprobs]
         out = self.loaded.model(
-            input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=0 if scoring else 1,
         )
+        for i in scoring:
+            row, width = rows[i], len(rows[i].prompt_ids)
+            row.prompt_logprobs = logprobs.prompt_entries(
+                out.logits[i, -width:], row.prompt_ids, row.request.prompt_logprobs or 0, self._texts
+            )
         lane = Lane(rows, out.cache, mask, positions[:, -1:])
         self._choose(lane, out.logits[:, -1, :].float())
         return lane
@@ -389,7 +426,16 @@ class Engine(ModelFront):
 
     def _choose(self, lane: Lane, logits: torch.Tensor) -> None:
         """Pick each row's next token, hand it to the row, and let finished rows leave the lane at once."""
+        scored = logprobs.wanted(lane.rows)
+        raw = logits[scored] if scored else None  # a copy, before the sampler and any grammar edit the logits
+        if any(row.grammar is not None for row in lane.rows):
+            self.grammars().mask(logits, [row.grammar for row in lane.rows])
         tokens = choose(logits, [row.controls for row in lane.rows], self._eos_list)
+        entries: dict[int, TokenLogprob] = {}
+        if raw is not None:
+            ks = [lane.rows[i].request.logprobs or 0 for i in scored]
+            found = logprobs.entries(raw, [tokens[i] for i in scored], ks, self._texts)
+            entries = dict(zip(scored, found))
         now = time.monotonic()
         size = len(lane.rows)
         keep = []
@@ -398,7 +444,10 @@ class Engine(ModelFront):
                 row.timings["first_token_s"] = now - row.submitted
             row.steps += 1
             row.batched += size
-            row.push(token, self.loaded.eos_ids)
+            if row.request.max_new_tokens == 0:  # score only (echo): the prefill was all it needed
+                row.finish(self.model_name, now)
+                continue
+            row.push(token, self.loaded.eos_ids, entries.get(i))
             row.stream()
             if row.finish_reason is None:
                 keep.append(i)
