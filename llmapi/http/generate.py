@@ -162,10 +162,6 @@ def request_schema(settings: Settings) -> type[Schema]:
                 " characters)"
             }
         )
-        grammar = Text(
-            validate=Length(min=1, max=MAX_SCHEMA_CHARS),
-            metadata={"description": "constrain the output to this EBNF (GBNF) grammar, its start rule `root`"},
-        )
 
         @validates_schema
         def _min_below_max(self, data: dict[str, Any], **kwargs: Any) -> None:
@@ -174,8 +170,6 @@ def request_schema(settings: Settings) -> type[Schema]:
 
         @validates_schema
         def _one_constraint(self, data: dict[str, Any], **kwargs: Any) -> None:
-            if "json_schema" in data and "grammar" in data:
-                raise ValidationError("send json_schema or grammar, not both.", "grammar")
             if "json_schema" in data:
                 schema_source(data["json_schema"])  # refuses an over-long one, naming json_schema
             if (data.get("top_n_tokens") or data.get("decoder_input_details")) and not data.get("details"):
@@ -188,8 +182,6 @@ def grammar_of(args: dict[str, Any]) -> Grammar | None:
     """The constraint a /generate body asks for, if any."""
     if "json_schema" in args:
         return Grammar("json_schema", schema_source(args["json_schema"]))
-    if "grammar" in args:
-        return Grammar("ebnf", args["grammar"])
     return None
 
 

@@ -148,11 +148,13 @@ class ResponseFormatField(fields.Field):
                 "schema": {"type": "object", "description": "the JSON schema the answer must validate against"},
                 "strict": {"type": "boolean", "nullable": True},
             },
+            "additionalProperties": False,
         }
         schema = {
             "type": "object",
             "required": ["type"],
             "properties": {"type": kinds, "json_schema": json_schema},
+            "additionalProperties": False,
             "description": "constrain the output: JSON mode, or JSON validating a schema (enforced token by token)",
         }
         super().__init__(metadata=schema, **kwargs)
@@ -161,8 +163,8 @@ class ResponseFormatField(fields.Field):
         if not isinstance(value, dict) or value.get("type") not in ("text", "json_object", "json_schema"):
             raise ValidationError('Must be {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", ...}.')
         kind = value["type"]
-        if set(value) - {"type", "json_schema"} or (kind != "json_schema" and "json_schema" in value):
-            raise ValidationError(f"Unknown fields for type {kind}.")
+        if set(value) - {"type", "json_schema"}:
+            raise ValidationError("response_format takes type and json_schema.")
         if kind == "text":
             return None
         if kind == "json_object":
