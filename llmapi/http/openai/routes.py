@@ -29,6 +29,7 @@ from llmapi.http.openai.schemas import (
 # This API's error dialect, declared once: a refused body is OpenAI's 400 (/generate answers 422), and a
 # request too long for the context names the part the client can shorten.
 VALIDATION_STATUS = 400
+GRAMMAR_KINDS = ("json_object", "json_schema", "ebnf")  # what the engine names a grammar it refused by
 CONTEXT_PARAM = {"openai.completions": "prompt", "openai.chat_completions": "messages"}
 ERRORS = [
     (400, "Invalid parameters, an unsupported parameter, or too long for the context"),
@@ -57,7 +58,8 @@ def chat_refused(exc: ChatTemplateError) -> Response:
 
 def refused(exc: InvalidRequest) -> Response:
     """The engine cannot serve the request as asked (a token id outside the vocabulary, a schema it cannot compile)."""
-    return respond(APIError(str(exc), status=VALIDATION_STATUS, param=exc.param))
+    param = "response_format" if exc.param in GRAMMAR_KINDS else exc.param
+    return respond(APIError(str(exc), status=VALIDATION_STATUS, param=param))
 
 
 def register_errors(blp: Blueprint) -> None:
