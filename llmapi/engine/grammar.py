@@ -97,18 +97,24 @@ class Grammars:
             if matchers[i].json:  # type: ignore[union-attr]
                 bitmask[slot] &= self._no_control
         width = min(logits.shape[-1], self.vocab_size)
-        allowed = unpack(bitmask, width, logits.device)
+        forbidden = unpack_forbidden(bitmask, width, logits.device)
         if logits.shape[-1] > width:  # padded vocabularies: ids past the tokenizer's are never allowed
             logits[index, width:] = float("-inf")
-        rows = torch.tensor(index, device=logits.device)
-        logits[rows, :width] = logits[rows, :width].masked_fill(~allowed, float("-inf"))
+        if len(index) == len(matchers):  # every row: one in-place pass, no copy
+            logits[:, :width].masked_fill_(forbidden, float("-inf"))
+            return
+        for slot, i in enumerate(index):
+            logits[i, :width].masked_fill_(forbidden[slot], float("-inf"))
 
 
-def unpack(bitmask: torch.Tensor, width: int, device: torch.device) -> torch.Tensor:
-    """[rows, width] booleans from [rows, words] int32 bit masks; on the CPU numpy's unpackbits, else bit ops."""
+def unpack_forbidden(bitmask: torch.Tensor, width: int, device: torch.device) -> torch.Tensor:
+    """[rows, width] booleans, True where a token is forbidden, from [rows, words] int32 bit masks (1 = allowed).
+
+    On the CPU numpy's unpackbits; on another device bit operations there, so that only the small mask moves.
+    """
     if device.type == "cpu":
         bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")[:, :width]
-        return torch.from_numpy(bits.view(np.bool_))
+        return torch.from_numpy(bits == 0)
     words = bitmask.to(device)
     shifts = torch.arange(32, device=device, dtype=torch.int32)
-    return ((words.unsqueeze(-1) >> shifts) & 1).flatten(1)[:, :width].bool()
+    return ((words.unsqueeze(-1) >> shifts) & 1).flatten(1)[:, :width] == 0

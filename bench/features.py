@@ -1,0 +1,95 @@
+"""What log-probabilities and grammars cost per decode step, and what requests without them pay.
+
+For each model and batch size (1 and 8 rows decoding together, greedy), the milliseconds per decode step of
+rows that are plain, that ask for logprobs with 5 alternatives, that follow bench.grammar's JSON schema, and of
+a batch where half the rows ask for both. A step's time is (total - first token) / (tokens - 1) of each row,
+the median over repeats. `plain` also runs on any other checkout (PYTHONPATH=DIR, `--only plain`), so that
+the plain rows of this code and of the code before it can be compared on the same machine.
+
+    .venv/bin/python -m bench.features [--models tiny,small] [--tokens 48] [--repeats 5]
+    PYTHONPATH=/tmp/base .venv/bin/python -m bench.features --only plain
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import threading
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = {"tiny": ROOT / "models" / "tiny-gpt2", "small": ROOT / "models" / "small-gpt2"}
+PROMPT = "Artificial Intelligence is"
+KINDS = ("plain", "logprobs", "grammar", "mixed")
+
+
+def requests_of(kind: str, batch: int, tokens: int) -> list[Any]:
+    """The batch's engine requests for one kind."""
+    from llmapi.engine import GenerationRequest
+
+    base = {"prompt": PROMPT, "max_new_tokens": tokens, "min_new_tokens": tokens}
+    if kind == "plain":
+        return [GenerationRequest(**base) for _ in range(batch)]
+    from bench.grammar import SCHEMA
+    from llmapi.engine.types import Grammar
+
+    grammar = Grammar("json_schema", json.dumps(SCHEMA))
+    both = {"logprobs": 5, "grammar": grammar}
+    extra = {"logprobs": {"logprobs": 5}, "grammar": {"grammar": grammar}, "mixed": both}[kind]
+    rows = [GenerationRequest(**base, **extra) for _ in range(batch)]
+    if kind == "mixed":
+        rows = [row if i % 2 else GenerationRequest(**base) for i, row in enumerate(rows)]
+    return rows
+
+
+def step_ms(engine: Any, requests: list[Any]) -> float:
+    """Mean ms per decode step over the rows of one batch, submitted together."""
+    results: list[Any] = [None] * len(requests)
+    barrier = threading.Barrier(len(requests))
+
+    def run(i: int) -> None:
+        barrier.wait()
+        results[i] = engine.generate(requests[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    steps = [
+        (r.timings["total_s"] - r.timings["first_token_s"]) / (r.completion_tokens - 1) * 1e3
+        for r in results
+        if r.completion_tokens > 1
+    ]
+    return statistics.mean(steps)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="tiny,small")
+    parser.add_argument("--tokens", type=int, default=48)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--only", choices=KINDS)
+    options = parser.parse_args()
+    from llmapi.engine import create_engine
+
+    kinds = [options.only] if options.only else list(KINDS)
+    print(f"ms per decode step, greedy, {options.tokens} new tokens, median of {options.repeats}; one thread")
+    print("| model | batch | " + " | ".join(kinds) + " |")
+    print("|---|---:|" + "---:|" * len(kinds))
+    for name in options.models.split(","):
+        engine = create_engine(str(MODELS[name]), threads=1, max_batch_size=8, batch_wait_ms=20)
+        for batch in (1, 8):
+            cells = []
+            for kind in kinds:
+                step_ms(engine, requests_of(kind, batch, options.tokens))  # warm: compile the grammar, fill caches
+                times = [step_ms(engine, requests_of(kind, batch, options.tokens)) for _ in range(options.repeats)]
+                cells.append(f"{statistics.median(times):.2f}")
+            print(f"| {name} | {batch} | " + " | ".join(cells) + " |", flush=True)
+        engine.close()
+
+
+if __name__ == "__main__":
+    main()
