@@ -549,3 +549,46 @@ def test_openai_stream_hang_up_cancels_every_choice(make_app):
     next(iter(response.response))
     response.close()  # what the server does when the client goes away
     assert len(engine.handles) == 2 and all(handle.cancelled for handle in engine.handles)
+
+
+def test_openai_new_parameters_reach_the_engine_request(client, fake_engine):
+    body = {
+        **PROMPT,
+        "max_tokens": 4,
+        "logprobs": 3,
+        "echo": True,
+        "frequency_penalty": 0.5,
+        "presence_penalty": -0.5,
+        "logit_bias": {"7": -100, "9": 2.5},
+        "top_k": -1,
+        "min_p": 0.1,
+        "repetition_penalty": 1.2,
+        "min_tokens": 2,
+        "response_format": {"type": "json_object"},
+    }
+    assert post(client, "/completions", body).status_code == 200
+    request = fake_engine.requests[-1]
+    assert (request.logprobs, request.prompt_logprobs) == (3, 3)
+    assert (request.frequency_penalty, request.presence_penalty, request.logit_bias) == (
+        0.5,
+        -0.5,
+        ((7, -100.0), (9, 2.5)),
+    )
+    assert (request.top_k, request.min_p, request.repetition_penalty, request.min_new_tokens) == (0, 0.1, 1.2, 2)
+    assert request.grammar.kind == "json_object"
+
+
+def test_openai_chat_logprobs_and_schema_reach_the_engine_request(client, fake_engine):
+    schema = {"type": "object", "properties": {"b": {"type": "integer"}, "a": {"type": "string"}}}
+    response_format = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}
+    body = {**CHAT, "logprobs": True, "top_logprobs": 4, "response_format": response_format}
+    answer = post(client, "/chat/completions", body).get_json()
+    request = fake_engine.requests[-1]
+    assert request.logprobs == 4 and request.prompt_logprobs is None
+    assert json.loads(request.grammar.source) == schema and request.grammar.kind == "json_schema"
+    assert answer["choices"][0]["logprobs"] == {"content": []}  # the fake engine scores nothing
+
+
+def test_openai_echo_scores_with_max_tokens_0(client, fake_engine):
+    assert post(client, "/completions", {**PROMPT, "max_tokens": 0, "echo": True, "logprobs": 1}).status_code == 200
+    assert fake_engine.requests[-1].max_new_tokens == 0
