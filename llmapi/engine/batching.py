@@ -114,6 +114,12 @@ class Row:
         self.grammar: Any = None  # a grammar.Matcher, set by the engine at submit
 
     @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Whether this row's prefill must keep every prompt position's logits: such a row must run its whole
+        prompt (bypass any prefix cache, as vLLM does), since cached positions would have no logits to score."""
+        return self.request.needs_prompt_logprobs
+
+    @property
     def generated(self) -> int:
         """How many tokens this row has produced."""
         return len(self.decoder.ids)
@@ -165,10 +171,12 @@ class Row:
         safe = len(self.text) - (0 if self.finish_reason else self.stops.held_back(self.text))
         held = len(self.logprobs) > self.logprobs_sent and self.finish_reason is not None
         if safe > self.sent or held:
-            scored = tuple(self.logprobs[self.logprobs_sent :]) if len(self.logprobs) > self.logprobs_sent else ()
-            self.handle._send("piece", Piece(self.text[self.sent : safe], scored))
+            piece = self.text[self.sent : safe]
+            if self.request.logprobs is not None:  # the piece carries the log-probabilities of its tokens
+                piece = Piece(piece, tuple(self.logprobs[self.logprobs_sent :]))
+                self.logprobs_sent = len(self.logprobs)
+            self.handle._send("piece", piece)
             self.sent = safe
-            self.logprobs_sent = len(self.logprobs)
 
     def finish(self, model: str, now: float) -> None:
         """Flush the decoder, send the last piece and the result."""
@@ -380,7 +388,7 @@ class Engine(ModelFront):
         input_ids, mask = self._left_pad([row.prompt_ids for row in rows])
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         # Rows that score their prompt need every position's logits; any such row makes this prefill keep them all.
-        scoring = [i for i, row in enumerate(rows) if row.request.needs_prompt_logprobs]
+        scoring = [i for i, row in enumerate(rows) if row.needs_prompt_logprobs]
         out = self.loaded.model(
             input_ids=input_ids,
             attention_mask=mask,
