@@ -7,6 +7,8 @@ the median over repeats. `plain` also runs on any other checkout (PYTHONPATH=DIR
 the plain rows of this code and of the code before it can be compared on the same machine.
 
     .venv/bin/python -m bench.features [--models tiny,small] [--tokens 48] [--repeats 5]
+    .venv/bin/python -m bench.features --parts    # each feature's own work per step, apart from the model
+    .venv/bin/python -m bench.features --hooks    # what a plain lane pays for the hooks
     PYTHONPATH=/tmp/base .venv/bin/python -m bench.features --only plain
 """
 
@@ -85,6 +87,51 @@ def hook_us(batch: int = 8, repeats: int = 20_000) -> float:
     return timeit.timeit(hooks, number=repeats) / repeats * 1e6
 
 
+def parts_us(model: Path, batch: int, repeats: int = 50) -> dict[str, float]:
+    """Microseconds per step of the work each feature adds for `batch` rows, apart from the forward pass.
+
+    The cost depends on the vocabulary and the batch, not on the model's size: logprobs (copy the rows'
+    logits, logsumexp, top-5), a grammar's mask at the start of the JSON and inside a string (where most
+    tokens stay allowed), with bench.grammar's schema.
+    """
+    import time
+
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+
+    from bench.grammar import SCHEMA
+    from llmapi.engine import logprobs
+    from llmapi.engine.grammar import Grammars
+    from llmapi.engine.types import Grammar
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    vocab = AutoConfig.from_pretrained(model).vocab_size
+    texts = logprobs.TokenTexts(tokenizer, tokenizer.decode)
+    logits = torch.randn(batch, vocab)
+    index = list(range(batch))
+
+    def timed(action: Any) -> float:
+        action()
+        started = time.perf_counter()
+        for _ in range(repeats):
+            action()
+        return (time.perf_counter() - started) / repeats * 1e6
+
+    chosen = logits.argmax(dim=-1).tolist()
+    out = {"logprobs": timed(lambda: logprobs.entries(logits[index], chosen, [5] * batch, texts))}
+    grammars = Grammars(tokenizer, vocab)
+    grammar = Grammar("json_schema", json.dumps(SCHEMA))
+    fresh = [grammars.matcher(grammar) for _ in range(batch)]
+    out["mask, JSON start"] = timed(lambda: grammars.mask(logits.clone(), fresh))
+    inside = [grammars.matcher(grammar) for _ in range(batch)]
+    for matcher in inside:
+        for token in tokenizer.encode('{"name": "ab'):
+            matcher.advance(token)
+    out["mask, in a string"] = timed(lambda: grammars.mask(logits.clone(), inside))
+    out["clone (in both)"] = timed(lambda: logits.clone())
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="tiny,small")
@@ -92,9 +139,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--only", choices=KINDS)
     parser.add_argument("--hooks", action="store_true", help="only time the hooks a plain lane of 8 rows pays")
+    parser.add_argument("--parts", action="store_true", help="only time each feature's own work per step")
     options = parser.parse_args()
     if options.hooks:
         print(f"hooks of a plain lane of 8 rows: {hook_us():.2f} us per step")
+        return
+    if options.parts:
+        print("us per step, apart from the forward pass (vocabulary 50,257; one thread)")
+        for batch in (1, 8):
+            parts = parts_us(MODELS["tiny"], batch)
+            print(f"batch {batch}: " + ", ".join(f"{name} {value:.0f}" for name, value in parts.items()))
         return
     from llmapi.engine import create_engine
 
