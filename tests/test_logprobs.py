@@ -49,7 +49,8 @@ def test_logprobs_come_before_temperature(sharp):
 
 
 def test_logprobs_prompt_scoring_in_a_batch_with_other_rows(sharp):
-    """Rows that score their prompt share a prefill with rows that do not; both get what they asked."""
+    """Rows that score their prompt (each prefilled alone) share a lane with rows that do not; all get what they
+    asked, and the score-only row leaves after its prefill."""
     prompts = [PROMPT, "The quick brown fox jumps", "Hello"]
     requests = [
         GenerationRequest(prompt=prompts[0], max_new_tokens=0, prompt_logprobs=1, logprobs=1),

@@ -148,7 +148,7 @@ class Row:
         if complete and self.finish_reason is None:
             # The grammar is complete: its only next token would be end-of-sequence, so end here, a step early.
             self._add_text(self.decoder.flush())
-            self.finish_reason = self.finish_reason or "eos"
+            self.finish_reason = self.finish_reason or "eos"  # a stop sequence in the flushed text wins
         if self.finish_reason is None and self.generated >= request.max_new_tokens:
             self.finish_reason = "length"
 
@@ -354,8 +354,11 @@ class Engine(ModelFront):
             if self._lanes and waited < self.batch_wait_s and len(self._pending) < room:
                 return []
             taken = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
-        shared = [row for row in taken if not row.solo]
-        return ([shared] if shared else []) + [[row] for row in taken if row.solo]
+        shared = [row for row in taken if not row.solo and not row.needs_prompt_logprobs]
+        # A row that scores its prompt prefills alone, so that its prefill keeps one prompt's logits (T x vocab),
+        # not the whole group's; its lane then joins the shared one like any other.
+        alone = [[row] for row in taken if row.solo or row.needs_prompt_logprobs]
+        return ([shared] if shared else []) + alone
 
     def _wait_for_company(self) -> None:
         """Hold a new batch open for batch_wait_ms or until it is full (the caller holds the lock)."""
@@ -387,7 +390,7 @@ class Engine(ModelFront):
             row.timings["queue_s"] = now - row.submitted
         input_ids, mask = self._left_pad([row.prompt_ids for row in rows])
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        # Rows that score their prompt need every position's logits; any such row makes this prefill keep them all.
+        # Rows that score their prompt need every position's logits (_admit gives each such row a prefill of its own).
         scoring = [i for i, row in enumerate(rows) if row.needs_prompt_logprobs]
         out = self.loaded.model(
             input_ids=input_ids,
