@@ -24,7 +24,8 @@ def _schema(case: schemathesis.Case, name: str) -> dict[str, Any]:
 def completion_fits(case: schemathesis.Case, body: dict[str, Any]) -> bool:
     """prompts x n within the n maximum (OPENAI_MAX_CHOICES)."""
     prompts = body.get("prompt")
-    count = len(prompts) if isinstance(prompts, list) else 1
+    single = not isinstance(prompts, list) or (bool(prompts) and type(prompts[0]) is int)  # text, or one id list
+    count = 1 if single else len(prompts)
     return count * (body.get("n") or 1) <= _schema(case, "CompletionRequest")["properties"]["n"]["maximum"]
 
 
@@ -68,11 +69,20 @@ def sampling_fits(body: dict[str, Any]) -> bool:
     return in_vocabulary(body.get("logit_bias")) and compiles(body.get("response_format"))
 
 
+def prompt_ids_fit(prompt: Any) -> bool:
+    """Whether a token-id prompt's ids are all in the fuzzed model's vocabulary (text prompts always are)."""
+    prompts = prompt if isinstance(prompt, list) and prompt and isinstance(prompt[0], list) else [prompt]
+    return all(not isinstance(p, list) or all(type(t) is not int or t < VOCABULARY for t in p) for p in prompts)
+
+
 def completion_rules(body: dict[str, Any]) -> bool:
-    """max_tokens 0 only with echo; no echo with logprobs in a stream."""
+    """max_tokens 0 only with echo; no echo with logprobs or token ids in a stream; ids in the vocabulary."""
     if body.get("max_tokens") == 0 and not body.get("echo"):
         return False
-    return not (body.get("echo") and body.get("stream") and body.get("logprobs") is not None)
+    prompt = body.get("prompt")
+    if body.get("echo") and body.get("stream") and (body.get("logprobs") is not None or isinstance(prompt, list)):
+        return False
+    return prompt_ids_fit(prompt)
 
 
 def positive_body(case: schemathesis.Case) -> dict[str, Any] | None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import KEY, Server
+from tests.conftest import KEY
 
 pytest.importorskip("lm_eval", reason="lm-evaluation-harness is the eval extra: pip install -e '.[eval]'")
 pytestmark = pytest.mark.slow
@@ -83,15 +83,16 @@ def bits_per_byte(tiny_model: str) -> float:
     return -total / sum(len(text.encode()) for text in TEXTS) / math.log(2)
 
 
+@pytest.mark.parametrize("tokenized", [True, False], ids=["token-ids", "text"])
 def test_lm_eval_local_completions_runs_choice_perplexity_and_generate_tasks(
-    server: Server, tasks, tiny_model, tmp_path
+    server, tasks, tiny_model, tmp_path, tokenized
 ):
     model_args = {
         "model": SERVED,
         "base_url": f"{server.url}/v1/completions",
         "num_concurrent": 1,
         "max_retries": 1,
-        "tokenized_requests": False,  # text prompts: this server does not take token ids
+        "tokenized_requests": tokenized,  # the harness's default sends token ids; False sends text
         "tokenizer_backend": "huggingface",
         "tokenizer": tiny_model,  # the harness counts the context's tokens itself
     }

@@ -83,6 +83,16 @@ def test_logprobs_prompt_scoring_in_a_batch_with_other_rows(sharp):
     assert plain.prompt_logprobs is None and plain.logprobs is None and plain.completion_tokens == 4
 
 
+def test_logprobs_token_id_prompt_scores_like_its_text(sharp):
+    ids = tuple(sharp.encode(PROMPT))
+    by_text = sharp.generate(GenerationRequest(prompt=PROMPT, max_new_tokens=3, prompt_logprobs=0, logprobs=0))
+    by_ids = sharp.generate(
+        GenerationRequest(prompt="", prompt_ids=ids, max_new_tokens=3, prompt_logprobs=0, logprobs=0)
+    )
+    assert by_ids.prompt_text == PROMPT and by_text.prompt_text is None
+    assert by_ids.prompt_logprobs == by_text.prompt_logprobs and by_ids.text == by_text.text
+
+
 def test_logprobs_stream_with_their_pieces(sharp):
     handle = sharp.submit(GenerationRequest(prompt=PROMPT, max_new_tokens=10, logprobs=2, stream=True))
     pieces = list(handle.pieces())

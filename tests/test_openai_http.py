@@ -288,8 +288,11 @@ PROMPT = {"prompt": "hi"}
         ("/completions", {"prompt": ""}, "prompt"),
         ("/completions", {"prompt": None}, "prompt"),
         ("/completions", {"prompt": []}, "prompt"),
-        ("/completions", {"prompt": [1, 2, 3]}, "prompt"),
-        ("/completions", {"prompt": [[1, 2]]}, "prompt"),
+        ("/completions", {"prompt": [1, -2, 3]}, "prompt"),
+        ("/completions", {"prompt": [[1, 2], []]}, "prompt"),
+        ("/completions", {"prompt": [1, True]}, "prompt"),
+        ("/completions", {"prompt": [[1]] * 9}, "prompt"),
+        ("/completions", {"prompt": [1, "a"]}, "prompt"),
         ("/completions", {"prompt": ["ok", ""]}, "prompt"),
         ("/completions", {"prompt": "x" * 201}, "prompt"),
         ("/completions", {"prompt": ["a"] * 9}, "prompt"),
@@ -592,3 +595,10 @@ def test_openai_chat_logprobs_and_schema_reach_the_engine_request(client, fake_e
 def test_openai_echo_scores_with_max_tokens_0(client, fake_engine):
     assert post(client, "/completions", {**PROMPT, "max_tokens": 0, "echo": True, "logprobs": 1}).status_code == 200
     assert fake_engine.requests[-1].max_new_tokens == 0
+
+
+def test_openai_token_id_prompts_reach_the_engine(client, fake_engine):
+    assert post(client, "/completions", {"prompt": [[5, 6], [7]], "max_tokens": 1}).status_code == 200
+    assert [r.prompt_ids for r in fake_engine.requests[-2:]] == [(5, 6), (7,)]
+    assert post(client, "/completions", {"prompt": [3, 4], "max_tokens": 1}).status_code == 200
+    assert fake_engine.requests[-1].prompt_ids == (3, 4) and fake_engine.requests[-1].prompt == ""

@@ -81,8 +81,17 @@ class ModelFront:
             return render(self.loaded.tokenizer, messages)
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
-        """Tokenize the prompt; raise ContextLengthExceeded when it and the new tokens cannot fit."""
-        ids = self.encode(request.prompt)
+        """Tokenize the prompt (or take its ids); raise ContextLengthExceeded when it and the new tokens cannot fit."""
+        if request.prompt_ids is not None:
+            ids = list(request.prompt_ids)
+            outside = [token for token in ids if token >= self.vocab_size]
+            if outside:
+                raise InvalidRequest(
+                    f"The prompt holds token {outside[0]}, but this model's token ids stop at {self.vocab_size - 1}.",
+                    param="prompt",
+                )
+        else:
+            ids = self.encode(request.prompt)
         if len(ids) + request.max_new_tokens > self.context_length:
             raise ContextLengthExceeded(
                 prompt_tokens=len(ids), max_new_tokens=request.max_new_tokens, context_length=self.context_length

@@ -112,6 +112,7 @@ class Row:
         self.logprobs_sent = 0
         self.prompt_logprobs: tuple[TokenLogprob, ...] | None = None
         self.grammar: Any = None  # a grammar.Matcher, set by the engine at submit
+        self.prompt_text: str | None = None  # the decoded prompt of a request sent as token ids
 
     @property
     def needs_prompt_logprobs(self) -> bool:
@@ -201,6 +202,7 @@ class Row:
             timings=self.timings,
             logprobs=tuple(self.logprobs) if self.request.logprobs is not None else None,
             prompt_logprobs=self.prompt_logprobs,
+            prompt_text=self.prompt_text,
         )
         self.handle._send("done", result)
 
@@ -289,6 +291,8 @@ class Engine(ModelFront):
         row = Row(handle, prompt_ids, IncrementalDecoder(self._piece_decode), submitted)
         if request.grammar is not None:  # compiled (or found in the cache) here, in the caller's thread
             row.grammar = self.grammars().matcher(request.grammar)
+        if request.prompt_ids is not None:  # for echo: the text of a prompt sent as ids
+            row.prompt_text = self.decode(prompt_ids)
         with self._wakeup:
             if self._closing:
                 raise EngineError("the engine was shut down")

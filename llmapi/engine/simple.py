@@ -24,6 +24,7 @@ BATCH_ONLY = {
     "presence_penalty": lambda r: r.presence_penalty != 0.0,
     "logit_bias": lambda r: bool(r.logit_bias),
     "min_p": lambda r: r.min_p != 0.0,
+    "prompt": lambda r: r.prompt_ids is not None,
 }
 
 

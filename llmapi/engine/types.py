@@ -99,6 +99,7 @@ class GenerationRequest:
     logprobs: int | None = None
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (the first has none)
     grammar: Grammar | None = None
+    prompt_ids: tuple[int, ...] | None = None  # token ids sent instead of text (`prompt` is then "")
 
     @property
     def needs_prompt_logprobs(self) -> bool:
@@ -126,6 +127,7 @@ class GenerationResult:
     timings: dict[str, float] = field(default_factory=dict)
     logprobs: tuple[TokenLogprob, ...] | None = None  # one per generated token (end-of-sequence left out)
     prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # one per prompt token; the first's logprob is None
+    prompt_text: str | None = None  # the decoded prompt, when it was sent as token ids
 
     @property
     def total_tokens(self) -> int:

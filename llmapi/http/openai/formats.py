@@ -140,7 +140,7 @@ class CompletionFormat(OpenAIFormat):
 
     def choice(self, index: int, result: GenerationResult) -> dict[str, Any]:
         """A finished choice."""
-        prefix = self.prompts[index] if self.echo else ""
+        prefix = "" if not self.echo else result.prompt_text if result.prompt_text is not None else self.prompts[index]
         logprobs = None
         if self.logprobs is not None:
             prompt = (result.prompt_logprobs or ()) if self.echo else ()

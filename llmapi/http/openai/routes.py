@@ -75,7 +75,7 @@ def choice_seed(seed: int | None, index: int) -> int | None:
 
 
 def choice_requests(
-    prompts: Sequence[str],
+    prompts: Sequence[str | tuple[int, ...]],
     args: dict[str, Any],
     settings: Settings,
     *,
@@ -85,7 +85,8 @@ def choice_requests(
     """One engine request per choice, prompt-major (choice index = prompt index x n + i)."""
     return [
         GenerationRequest(
-            prompt=prompt,
+            prompt=prompt if isinstance(prompt, str) else "",
+            prompt_ids=None if isinstance(prompt, str) else prompt,
             max_new_tokens=args["max_tokens"],
             min_new_tokens=args["min_tokens"],
             do_sample=True,  # OpenAI samples unless temperature is 0, which GenerationRequest.greedy honours
@@ -171,7 +172,8 @@ def create_blueprint(settings: Settings) -> Blueprint:
         `text_completion`, each carrying one choice's new text, then `data: [DONE]`.
         """
         model = served_model(args, settings)
-        prompts = [prompt for prompt in args["prompt"] for _ in range(args["n"])]
+        # A token-id prompt's text is the engine's to decode: the echo takes it from the result.
+        prompts = [prompt if isinstance(prompt, str) else "" for prompt in args["prompt"] for _ in range(args["n"])]
         logprobs = args.get("logprobs")
         fmt = CompletionFormat(
             model, prompts, n=args["n"], echo=args["echo"], logprobs=logprobs, include_usage=include_usage(args)

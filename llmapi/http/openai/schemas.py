@@ -14,6 +14,7 @@ from llmapi.engine.chat import ROLES
 from llmapi.engine.types import Grammar
 from llmapi.http.fields import (
     MAX_SEED,
+    MAX_TOKEN_ID,
     LogitBiasField,
     StopField,
     StrictBoolean,
@@ -60,27 +61,49 @@ class OpenAIStopField(StopField):
         return {"oneOf": [schema["oneOf"][0], {**schema["oneOf"][1], "minItems": 0}]}
 
 
+def is_ids(value: Any) -> bool:
+    """Whether `value` is a list of token ids (JSON integers, not booleans)."""
+    return isinstance(value, list) and bool(value) and all(type(item) is int for item in value)
+
+
 class PromptField(fields.Field):
-    """A prompt, or a list of prompts, normalised to a tuple of non-empty strings."""
+    """A prompt, or a list of prompts, as text or token ids: a tuple of non-empty strings or tuples of ids."""
 
     def __init__(self, *, max_chars: int, max_items: int, **kwargs: Any) -> None:
         text = {"type": "string", "minLength": 1, "maxLength": max_chars}
         many = {"type": "array", "items": text, "minItems": 1, "maxItems": max_items}
-        super().__init__(metadata={"oneOf": [text, many], **kwargs.pop("metadata", {})}, **kwargs)
+        token = {"type": "integer", "minimum": 0, "maximum": MAX_TOKEN_ID}
+        ids = {"type": "array", "items": token, "minItems": 1, "maxItems": max_chars}
+        many_ids = {"type": "array", "items": ids, "minItems": 1, "maxItems": max_items}
+        schemas = [text, many, ids, many_ids]
+        super().__init__(metadata={"oneOf": schemas, **kwargs.pop("metadata", {})}, **kwargs)
         self.max_chars = max_chars
         self.max_items = max_items
 
-    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> tuple[str, ...]:
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> tuple[str | tuple[int, ...], ...]:
+        if is_ids(value) or (isinstance(value, list) and value and all(is_ids(item) for item in value)):
+            return self._ids(value)
         items = [value] if isinstance(value, str) else value
         if not isinstance(items, list) or not 0 < len(items) <= self.max_items:
             raise ValidationError(
-                f"Must be a string or a list of 1 to {self.max_items} strings (token ids are not accepted)."
+                f"Must be a string, a list of 1 to {self.max_items} strings, a list of token ids or a list of such"
+                " lists."
             )
         if not all(isinstance(item, str) and 0 < len(item) <= self.max_chars for item in items):
             raise ValidationError(f"Every prompt must be a string of 1 to {self.max_chars} characters.")
         if not all(is_text(item) for item in items):
             raise ValidationError("Must be valid Unicode text (it has an unpaired surrogate).")
         return tuple(items)
+
+    def _ids(self, value: list[Any]) -> tuple[tuple[int, ...], ...]:
+        """Token-id prompts: one list of ids, or a list of them."""
+        prompts = [value] if is_ids(value) else value
+        if len(prompts) > self.max_items:
+            raise ValidationError(f"At most {self.max_items} prompts.")
+        for ids in prompts:
+            if len(ids) > self.max_chars or not all(0 <= token <= MAX_TOKEN_ID for token in ids):
+                raise ValidationError(f"A token-id prompt holds 1 to {self.max_chars} ids, each 0 to {MAX_TOKEN_ID}.")
+        return tuple(tuple(ids) for ids in prompts)
 
 
 class ContentField(fields.Field):
@@ -413,6 +436,8 @@ def build(settings: Settings) -> OpenAISchemas:
                 raise ValidationError("0 is allowed only with echo: true (score the prompt).", "max_tokens")
             if data.get("echo") and data.get("stream") and "logprobs" in data:
                 raise ValidationError("echo with logprobs is not served in a stream; send stream: false.", "stream")
+            if data.get("echo") and data.get("stream") and any(not isinstance(p, str) for p in data.get("prompt", ())):
+                raise ValidationError("echo of a token-id prompt is not served in a stream.", "stream")
 
     class ChatMessageSchema(MessageSchema):
         """One chat message, its content limited like a prompt."""
