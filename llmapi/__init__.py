@@ -10,7 +10,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from llmapi import errors, logs, metrics
 from llmapi.config import Settings
-from llmapi.http import generate, health, jsonbody, playground, status
+from llmapi.http import generate, health, jsonbody, playground, status, tokens
 from llmapi.http.docs import SpecApi
 from llmapi.http.hooks import EXTENSION as KEYS_EXTENSION
 from llmapi.http.openai import routes as openai_routes
@@ -50,6 +50,7 @@ def create_app(
     spec.register_blueprint(metrics.blp)
     spec.register_blueprint(generate.create_blueprint(settings))
     spec.register_blueprint(openai_routes.create_blueprint(settings))
+    spec.register_blueprint(tokens.create_blueprint(settings))
     spec.register_blueprint(status.blp)
     app.register_blueprint(playground.blp)  # a page, not an API: outside the spec, like /docs
     errors.register(app)  # after Api(), so that these handlers replace flask-smorest's own

@@ -80,6 +80,21 @@ class FakeEngine:
         """Render like a model without a chat template."""
         return default_template(messages)
 
+    context_length = FAKE_CONTEXT
+    vocab_size = 1000
+
+    def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """One id per word: its length (and a 0 in front with special tokens)."""
+        return ([0] if add_special_tokens else []) + [len(word) for word in text.split()]
+
+    def token_strings(self, ids: list[int]) -> list[str]:
+        """'w<id>' per id."""
+        return [f"w{i}" for i in ids]
+
+    def decode(self, ids: list[int]) -> str:
+        """'x' repeated per id, words joined by spaces."""
+        return " ".join("x" * i for i in ids)
+
 
 @pytest.fixture
 def fake_engine() -> FakeEngine:

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from llmapi.engine.types import EngineError
+from llmapi.engine.types import EngineError, Grammar
 from tests.conftest import KEY, OTHER_KEY
 
 
@@ -219,6 +219,12 @@ def test_context_overflow_is_422_with_the_numbers(client, auth):
         ({"prompt": "hi", "stop": ["x", "yz"]}, {"stop": ("x", "yz")}),
         ({"prompt": "hi", "timeout_ms": 1500}, {"timeout_s": 1.5}),
         ({"prompt": "hi", "seed": 7}, {"seed": 7}),
+        ({"prompt": "hi", "frequency_penalty": 1.5, "presence_penalty": -2}, {"frequency_penalty": 1.5}),
+        ({"prompt": "hi", "logit_bias": {"3": -100}, "min_p": 0.2}, {"logit_bias": ((3, -100.0),), "min_p": 0.2}),
+        ({"prompt": "hi", "details": True}, {"logprobs": 0, "prompt_logprobs": None}),
+        ({"prompt": "hi", "details": True, "top_n_tokens": 2, "decoder_input_details": True}, {"prompt_logprobs": 2}),
+        ({"prompt": "hi"}, {"logprobs": None, "grammar": None}),
+        ({"prompt": "hi", "json_schema": {"type": "object"}}, {"grammar": Grammar("json_schema", '{"type":"object"}')}),
     ],
 )
 def test_generate_maps_controls_to_the_engine(client, auth, fake_engine, body, expected):
@@ -226,6 +232,27 @@ def test_generate_maps_controls_to_the_engine(client, auth, fake_engine, body, e
     request = fake_engine.requests[-1]
     for name, value in expected.items():
         assert getattr(request, name) == value
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"top_n_tokens": 2}, "top_n_tokens"),  # needs details
+        ({"details": True, "top_n_tokens": 6}, "top_n_tokens"),
+        ({"frequency_penalty": 3}, "frequency_penalty"),
+        ({"logit_bias": {"a": 1}}, "logit_bias"),
+        ({"json_schema": "object"}, "json_schema"),
+        ({"grammar": "root ::= x"}, "grammar"),  # unknown: /generate takes json_schema
+    ],
+)
+def test_generate_refuses_bad_new_fields_naming_them(client, auth, body, param):
+    assert_error(client.post("/generate", json={"prompt": "hi", **body}, headers=auth), 422, param=param)
+
+
+def test_generate_details_shape(client, auth):
+    answer = client.post("/generate", json={"prompt": "hi", "max_new_tokens": 2, "details": True}, headers=auth)
+    details = answer.get_json()["details"]
+    assert details == {"finish_reason": "length", "generated_tokens": 2, "seed": None, "tokens": []}
 
 
 def test_stream_sends_pieces_then_the_answer(client, auth):

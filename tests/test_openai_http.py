@@ -288,8 +288,11 @@ PROMPT = {"prompt": "hi"}
         ("/completions", {"prompt": ""}, "prompt"),
         ("/completions", {"prompt": None}, "prompt"),
         ("/completions", {"prompt": []}, "prompt"),
-        ("/completions", {"prompt": [1, 2, 3]}, "prompt"),
-        ("/completions", {"prompt": [[1, 2]]}, "prompt"),
+        ("/completions", {"prompt": [1, -2, 3]}, "prompt"),
+        ("/completions", {"prompt": [[1, 2], []]}, "prompt"),
+        ("/completions", {"prompt": [1, True]}, "prompt"),
+        ("/completions", {"prompt": [[1]] * 9}, "prompt"),
+        ("/completions", {"prompt": [1, "a"]}, "prompt"),
         ("/completions", {"prompt": ["ok", ""]}, "prompt"),
         ("/completions", {"prompt": "x" * 201}, "prompt"),
         ("/completions", {"prompt": ["a"] * 9}, "prompt"),
@@ -362,22 +365,12 @@ def test_openai_validation_is_400_naming_the_parameter(client, path, body, param
 @pytest.mark.parametrize(
     ("path", "param", "value"),
     [
-        ("/completions", "logprobs", 2),
-        ("/completions", "logprobs", 0),
         ("/completions", "suffix", " end"),
         ("/completions", "best_of", 2),
-        ("/completions", "presence_penalty", 0.5),
-        ("/completions", "frequency_penalty", -1),
-        ("/completions", "logit_bias", {"50256": -100}),
-        ("/chat/completions", "logprobs", True),
-        ("/chat/completions", "top_logprobs", 2),
         ("/chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}]),
         ("/chat/completions", "tool_choice", "auto"),
         ("/chat/completions", "functions", [{"name": "f"}]),
         ("/chat/completions", "function_call", "auto"),
-        ("/chat/completions", "response_format", {"type": "json_object"}),
-        ("/chat/completions", "presence_penalty", 1),
-        ("/chat/completions", "logit_bias", {"1": 1}),
         ("/chat/completions", "audio", {"voice": "alloy"}),
         ("/chat/completions", "modalities", ["text", "audio"]),
         ("/chat/completions", "reasoning_effort", "low"),
@@ -391,6 +384,34 @@ def test_openai_unsupported_parameters_are_400_naming_them(client, path, param, 
     body = {**(CHAT if "chat" in path else PROMPT), param: value}
     error = assert_error(post(client, path, body), 400, param=param)
     assert param in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("path", "param", "value"),
+    [
+        ("/completions", "logprobs", 6),
+        ("/completions", "logprobs", True),
+        ("/completions", "max_tokens", 0),  # 0 only with echo
+        ("/completions", "presence_penalty", 2.5),
+        ("/completions", "frequency_penalty", -2.01),
+        ("/completions", "logit_bias", {"x": 1}),
+        ("/completions", "logit_bias", {"1": 101}),
+        ("/completions", "logit_bias", [1]),
+        ("/completions", "min_p", 1.5),
+        ("/completions", "top_k", -2),
+        ("/completions", "min_tokens", 99),  # above max_tokens
+        ("/chat/completions", "top_logprobs", 21),
+        ("/chat/completions", "top_logprobs", 2),  # without logprobs: true
+        ("/chat/completions", "logprobs", 1),
+        ("/chat/completions", "response_format", {"type": "xml"}),
+        ("/chat/completions", "response_format", {"type": "json_schema"}),
+        ("/chat/completions", "response_format", {"type": "json_schema", "json_schema": {"name": "a", "schema": 3}}),
+        ("/chat/completions", "repetition_penalty", 0),
+    ],
+)
+def test_openai_new_parameters_out_of_range_are_400_naming_them(client, path, param, value):
+    body = {**(CHAT if "chat" in path else PROMPT), "max_tokens": 4, param: value}
+    assert_error(post(client, path, body), 400, param=param)
 
 
 def test_openai_generate_keeps_its_422(client):
@@ -531,3 +552,53 @@ def test_openai_stream_hang_up_cancels_every_choice(make_app):
     next(iter(response.response))
     response.close()  # what the server does when the client goes away
     assert len(engine.handles) == 2 and all(handle.cancelled for handle in engine.handles)
+
+
+def test_openai_new_parameters_reach_the_engine_request(client, fake_engine):
+    body = {
+        **PROMPT,
+        "max_tokens": 4,
+        "logprobs": 3,
+        "echo": True,
+        "frequency_penalty": 0.5,
+        "presence_penalty": -0.5,
+        "logit_bias": {"7": -100, "9": 2.5},
+        "top_k": -1,
+        "min_p": 0.1,
+        "repetition_penalty": 1.2,
+        "min_tokens": 2,
+        "response_format": {"type": "json_object"},
+    }
+    assert post(client, "/completions", body).status_code == 200
+    request = fake_engine.requests[-1]
+    assert (request.logprobs, request.prompt_logprobs) == (3, 3)
+    assert (request.frequency_penalty, request.presence_penalty, request.logit_bias) == (
+        0.5,
+        -0.5,
+        ((7, -100.0), (9, 2.5)),
+    )
+    assert (request.top_k, request.min_p, request.repetition_penalty, request.min_new_tokens) == (0, 0.1, 1.2, 2)
+    assert request.grammar.kind == "json_object"
+
+
+def test_openai_chat_logprobs_and_schema_reach_the_engine_request(client, fake_engine):
+    schema = {"type": "object", "properties": {"b": {"type": "integer"}, "a": {"type": "string"}}}
+    response_format = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}
+    body = {**CHAT, "logprobs": True, "top_logprobs": 4, "response_format": response_format}
+    answer = post(client, "/chat/completions", body).get_json()
+    request = fake_engine.requests[-1]
+    assert request.logprobs == 4 and request.prompt_logprobs is None
+    assert json.loads(request.grammar.source) == schema and request.grammar.kind == "json_schema"
+    assert answer["choices"][0]["logprobs"] == {"content": []}  # the fake engine scores nothing
+
+
+def test_openai_echo_scores_with_max_tokens_0(client, fake_engine):
+    assert post(client, "/completions", {**PROMPT, "max_tokens": 0, "echo": True, "logprobs": 1}).status_code == 200
+    assert fake_engine.requests[-1].max_new_tokens == 0
+
+
+def test_openai_token_id_prompts_reach_the_engine(client, fake_engine):
+    assert post(client, "/completions", {"prompt": [[5, 6], [7]], "max_tokens": 1}).status_code == 200
+    assert [r.prompt_ids for r in fake_engine.requests[-2:]] == [(5, 6), (7,)]
+    assert post(client, "/completions", {"prompt": [3, 4], "max_tokens": 1}).status_code == 200
+    assert fake_engine.requests[-1].prompt_ids == (3, 4) and fake_engine.requests[-1].prompt == ""

@@ -169,10 +169,10 @@ def test_openai_client_unknown_model_is_not_found(client):
 @pytest.mark.parametrize(
     ("create", "kwargs", "param"),
     [
-        ("completions", {"prompt": PROMPT, "logprobs": 2}, "logprobs"),
+        ("completions", {"prompt": PROMPT, "logprobs": 9}, "logprobs"),
         ("completions", {"prompt": PROMPT, "suffix": " The end."}, "suffix"),
         ("chat", {"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ("chat", {"messages": MESSAGES, "response_format": {"type": "json_object"}}, "response_format"),
+        ("chat", {"messages": MESSAGES, "response_format": {"type": "xml"}}, "response_format"),
         ("chat", {"messages": MESSAGES, "max_tokens": 10_000}, "max_tokens"),
     ],
 )

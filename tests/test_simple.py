@@ -42,3 +42,23 @@ def test_simple_mode_streams_one_piece_then_the_result(simple_engine):
     handle = simple_engine.submit(GenerationRequest(prompt=PROMPT, max_new_tokens=6, stream=True))
     items = list(handle.pieces())
     assert len(items) == 2 and items[0] == items[1].text
+
+
+@pytest.mark.parametrize(
+    ("options", "param"),
+    [
+        ({"logprobs": 0}, "logprobs"),
+        ({"prompt_logprobs": 1}, "logprobs"),
+        ({"max_new_tokens": 0}, "max_tokens"),
+        ({"frequency_penalty": 0.5}, "frequency_penalty"),
+        ({"presence_penalty": -1.0}, "presence_penalty"),
+        ({"logit_bias": ((1, 2.0),)}, "logit_bias"),
+        ({"min_p": 0.1}, "min_p"),
+    ],
+)
+def test_simple_mode_refuses_what_only_the_batch_engine_does(simple_engine, options, param):
+    from llmapi.engine.types import InvalidRequest
+
+    with pytest.raises(InvalidRequest) as info:
+        simple_engine.submit(GenerationRequest(**{"prompt": PROMPT, "max_new_tokens": 4, **options}))
+    assert info.value.param == param

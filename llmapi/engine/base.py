@@ -8,7 +8,7 @@ from typing import Any
 
 from llmapi.engine.chat import Message, render
 from llmapi.engine.loader import LoadedModel
-from llmapi.engine.types import ContextLengthExceeded, GenerationRequest, GenerationResult
+from llmapi.engine.types import ContextLengthExceeded, GenerationRequest, GenerationResult, InvalidRequest
 
 
 class ModelFront:
@@ -18,6 +18,42 @@ class ModelFront:
         self.loaded = loaded
         # A fast tokenizer shared by request threads and the decoding thread must not be entered twice at once.
         self._tokenizer_lock = threading.Lock()
+        self._grammars: Any = None
+        self._grammars_lock = threading.Lock()
+
+    @property
+    def vocab_size(self) -> int:
+        """How many logits a forward pass gives per position (token ids are below it)."""
+        return int(getattr(self.loaded.model.config, "vocab_size", 0) or len(self.loaded.tokenizer))
+
+    def check_request(self, request: GenerationRequest) -> None:
+        """Refuse what the model cannot take: logit_bias on a token id outside its vocabulary."""
+        outside = [token for token, _ in request.logit_bias if token >= self.vocab_size]
+        if outside:
+            raise InvalidRequest(
+                f"logit_bias names token {outside[0]}, but this model's token ids stop at {self.vocab_size - 1}.",
+                param="logit_bias",
+            )
+
+    def grammars(self) -> Any:
+        """The grammar compiler for this tokenizer (engine/grammar.py), built on first use: it walks the vocabulary."""
+        if self._grammars is None:
+            with self._grammars_lock:
+                if self._grammars is None:
+                    from llmapi.engine.grammar import Grammars
+
+                    self._grammars = Grammars(self.loaded.tokenizer, self.vocab_size)
+        return self._grammars
+
+    def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text` (with the tokenizer's special tokens, if it adds any, when asked)."""
+        with self._tokenizer_lock:
+            return self.loaded.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def token_strings(self, ids: list[int]) -> list[str]:
+        """The tokenizer's own string of each token id (GPT-2 shows a leading space as "Ġ")."""
+        with self._tokenizer_lock:
+            return self.loaded.tokenizer.convert_ids_to_tokens(ids)
 
     @property
     def model_name(self) -> str:
@@ -50,8 +86,17 @@ class ModelFront:
             return render(self.loaded.tokenizer, messages)
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
-        """Tokenize the prompt; raise ContextLengthExceeded when it and the new tokens cannot fit."""
-        ids = self.encode(request.prompt)
+        """Tokenize the prompt (or take its ids); raise ContextLengthExceeded when it and the new tokens cannot fit."""
+        if request.prompt_ids is not None:
+            ids = list(request.prompt_ids)
+            outside = [token for token in ids if token >= self.vocab_size]
+            if outside:
+                raise InvalidRequest(
+                    f"The prompt holds token {outside[0]}, but this model's token ids stop at {self.vocab_size - 1}.",
+                    param="prompt",
+                )
+        else:
+            ids = self.encode(request.prompt)
         if len(ids) + request.max_new_tokens > self.context_length:
             raise ContextLengthExceeded(
                 prompt_tokens=len(ids), max_new_tokens=request.max_new_tokens, context_length=self.context_length

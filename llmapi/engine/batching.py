@@ -21,13 +21,14 @@ from typing import Any
 
 import torch
 
+from llmapi.engine import logprobs
 from llmapi.engine.base import ModelFront
 from llmapi.engine.bytelevel import fast_decoder
 from llmapi.engine.loader import LoadedModel
 from llmapi.engine.sampling import RowControls, choose
 from llmapi.engine.stats import TokenRate, model_facts
 from llmapi.engine.text import IncrementalDecoder, StopMatcher
-from llmapi.engine.types import EngineError, GenerationRequest, GenerationResult
+from llmapi.engine.types import EngineError, GenerationRequest, GenerationResult, Piece, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,23 @@ class Row:
             suppress_eos=request.min_new_tokens > 0,
             seen=set(prompt_ids) if request.repetition_penalty != 1.0 else set(),
             generator=generator,
+            frequency_penalty=request.frequency_penalty,
+            presence_penalty=request.presence_penalty,
+            bias=dict(request.logit_bias),
+            min_p=request.min_p,
         )
+        # Log-probabilities (engine/logprobs.py) and the grammar's matcher (engine/grammar.py), when asked for.
+        self.logprobs: list[TokenLogprob] = []
+        self.logprobs_sent = 0
+        self.prompt_logprobs: tuple[TokenLogprob, ...] | None = None
+        self.grammar: Any = None  # a grammar.Matcher, set by the engine at submit
+        self.prompt_text: str | None = None  # the decoded prompt of a request sent as token ids
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Whether this row's prefill must keep every prompt position's logits: such a row must run its whole
+        prompt (bypass any prefix cache, as vLLM does), since cached positions would have no logits to score."""
+        return self.request.needs_prompt_logprobs
 
     @property
     def generated(self) -> int:
@@ -117,16 +134,23 @@ class Row:
             elif now >= self.deadline:
                 self.finish_reason = "timeout"
 
-    def push(self, token: int, eos_ids: frozenset[int]) -> None:
+    def push(self, token: int, eos_ids: frozenset[int], logprob: TokenLogprob | None = None) -> None:
         """Take the next token: end on EOS, a stop sequence or the length limit; stream what is safe."""
         request = self.request
         if token in eos_ids and self.generated >= request.min_new_tokens:
             self.decoder.ids.append(token)
             self.finish_reason = "eos"
             return
+        if logprob is not None:
+            self.logprobs.append(logprob)
+        complete = self.grammar is not None and self.grammar.advance(token)
         self.controls.saw(token)
         self.controls.suppress_eos = self.generated + 1 < request.min_new_tokens
         self._add_text(self.decoder.push(token))
+        if complete and self.finish_reason is None:
+            # The grammar is complete: its only next token would be end-of-sequence, so end here, a step early.
+            self._add_text(self.decoder.flush())
+            self.finish_reason = self.finish_reason or "eos"  # a stop sequence in the flushed text wins
         if self.finish_reason is None and self.generated >= request.max_new_tokens:
             self.finish_reason = "length"
 
@@ -147,8 +171,13 @@ class Row:
         if not self.request.stream:
             return
         safe = len(self.text) - (0 if self.finish_reason else self.stops.held_back(self.text))
-        if safe > self.sent:
-            self.handle._send("piece", self.text[self.sent : safe])
+        held = len(self.logprobs) > self.logprobs_sent and self.finish_reason is not None
+        if safe > self.sent or held:
+            piece = self.text[self.sent : safe]
+            if self.request.logprobs is not None:  # the piece carries the log-probabilities of its tokens
+                piece = Piece(piece, tuple(self.logprobs[self.logprobs_sent :]))
+                self.logprobs_sent = len(self.logprobs)
+            self.handle._send("piece", piece)
             self.sent = safe
 
     def finish(self, model: str, now: float) -> None:
@@ -172,6 +201,9 @@ class Row:
             seed=self.seed,
             stop_sequence=self.stop_sequence,
             timings=self.timings,
+            logprobs=tuple(self.logprobs) if self.request.logprobs is not None else None,
+            prompt_logprobs=self.prompt_logprobs,
+            prompt_text=self.prompt_text,
         )
         self.handle._send("done", result)
 
@@ -243,6 +275,7 @@ class Engine(ModelFront):
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_ms / 1000.0
         self._piece_decode = fast_decoder(loaded.tokenizer, self.decode)
+        self._texts = logprobs.TokenTexts(loaded.tokenizer, self.decode)
         self._eos_list = sorted(loaded.eos_ids)
         # With SDPA attention a decode step's mask is just "may row r see key k": built here as a view instead of
         # by transformers' mask functions, which cost about a tenth of a tiny model's step.
@@ -261,8 +294,13 @@ class Engine(ModelFront):
         """Queue `request` and return its handle; raise ContextLengthExceeded when it cannot fit."""
         submitted = time.monotonic()
         prompt_ids = self.prompt_ids(request)
+        self.check_request(request)
         handle = Handle(request)
         row = Row(handle, prompt_ids, IncrementalDecoder(self._piece_decode), submitted)
+        if request.grammar is not None:  # compiled (or found in the cache) here, in the caller's thread
+            row.grammar = self.grammars().matcher(request.grammar)
+        if request.prompt_ids is not None:  # for echo: the text of a prompt sent as ids
+            row.prompt_text = self.decode(prompt_ids)
         with self._wakeup:
             if self._closing:
                 raise EngineError("the engine was shut down")
@@ -344,8 +382,11 @@ class Engine(ModelFront):
             if self._lanes and waited < self.batch_wait_s and len(self._pending) < room:
                 return []
             taken = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
-        shared = [row for row in taken if not row.solo]
-        return ([shared] if shared else []) + [[row] for row in taken if row.solo]
+        shared = [row for row in taken if not row.solo and not row.needs_prompt_logprobs]
+        # A row that scores its prompt prefills alone, so that its prefill keeps one prompt's logits (T x vocab),
+        # not the whole group's; its lane then joins the shared one like any other.
+        alone = [[row] for row in taken if row.solo or row.needs_prompt_logprobs]
+        return ([shared] if shared else []) + alone
 
     def _wait_for_company(self) -> None:
         """Hold a new batch open for batch_wait_ms or until it is full (the caller holds the lock)."""
@@ -378,9 +419,20 @@ class Engine(ModelFront):
         lengths = [len(row.prompt_ids) for row in rows]
         input_ids, mask = self._left_pad([row.prompt_ids for row in rows])
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        # Rows that score their prompt need every position's logits (_admit gives each such row a prefill of its own).
+        scoring = [i for i, row in enumerate(rows) if row.needs_prompt_logprobs]
         out = self.loaded.model(
-            input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=0 if scoring else 1,
         )
+        for i in scoring:
+            row, width = rows[i], len(rows[i].prompt_ids)
+            row.prompt_logprobs = logprobs.prompt_entries(
+                out.logits[i, -width:].float(), row.prompt_ids, row.request.prompt_logprobs or 0, self._texts
+            )
         lane = Lane(rows, out.cache, mask, positions[:, -1:], padded=min(lengths) < max(lengths))
         self._choose(lane, out.logits[:, -1, :].float())  # fp32 whatever the model computes in: see sampling
         return lane
@@ -414,8 +466,17 @@ class Engine(ModelFront):
 
     def _choose(self, lane: Lane, logits: torch.Tensor) -> None:
         """Pick each row's next token, hand it to the row, and let finished rows leave the lane at once."""
+        scored = logprobs.wanted(lane.rows)
+        raw = logits[scored] if scored else None  # a copy, before the sampler and any grammar edit the logits
+        if any(row.grammar is not None for row in lane.rows):
+            self.grammars().mask(logits, [row.grammar for row in lane.rows])
         chosen = choose(logits, [row.controls for row in lane.rows], self._eos_list)  # on the logits' device
         tokens = chosen.tolist()  # the one copy to the host a step makes
+        entries: dict[int, TokenLogprob] = {}
+        if raw is not None:
+            ks = [lane.rows[i].request.logprobs or 0 for i in scored]
+            found = logprobs.entries(raw, [tokens[i] for i in scored], ks, self._texts)
+            entries = dict(zip(scored, found))
         now = time.monotonic()
         size = len(lane.rows)
         self._rate.add(size)
@@ -425,7 +486,10 @@ class Engine(ModelFront):
                 row.timings["first_token_s"] = now - row.submitted
             row.steps += 1
             row.batched += size
-            row.push(token, self.loaded.eos_ids)
+            if row.request.max_new_tokens == 0:  # score only (echo): the prefill was all it needed
+                row.finish(self.model_name, now)
+                continue
+            row.push(token, self.loaded.eos_ids, entries.get(i))
             row.stream()
             if row.finish_reason is None:
                 keep.append(i)

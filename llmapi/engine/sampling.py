@@ -49,11 +49,27 @@ class RowControls:
     generator: torch.Generator | None
     uniforms: list[float] = field(default_factory=list)  # drawn from `generator` ahead, next one last
     rejection_rest: int = 0  # steps left before this row tries rejection sampling again
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (OpenAI's logit_bias)
+    min_p: float = 0.0
+    counts: dict[int, int] = field(default_factory=dict)  # generated token -> times, kept only for the two penalties
+
+    @property
+    def counted(self) -> bool:
+        """Whether this row keeps counts of its generated tokens (for a frequency or presence penalty)."""
+        return self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
     @property
     def plain(self) -> bool:
         """Whether argmax of the raw logits is the answer."""
-        return self.greedy and self.repetition_penalty == 1.0 and not self.suppress_eos
+        return (
+            self.greedy
+            and self.repetition_penalty == 1.0
+            and not self.suppress_eos
+            and not self.bias
+            and not (self.counted and self.counts)
+        )
 
     def uniform(self) -> float:
         """The row's next uniform number in [0, 1), from its own generator (drawn in bulk: one call per 64)."""
@@ -66,6 +82,8 @@ class RowControls:
         """Remember a generated token for the repetition penalty."""
         if self.repetition_penalty != 1.0:
             self.seen.add(token)
+        if self.counted:
+            self.counts[token] = self.counts.get(token, 0) + 1
 
 
 def argmax(scores: torch.Tensor) -> torch.Tensor:
@@ -82,6 +100,12 @@ def choose(logits: torch.Tensor, rows: Sequence[RowControls], eos_ids: Sequence[
     penalised = [i for i, row in enumerate(rows) if row.repetition_penalty != 1.0 and row.seen]
     if penalised:
         apply_repetition_penalty(logits, [rows[i] for i in penalised], penalised)
+    counted = [i for i, row in enumerate(rows) if row.counted and row.counts]
+    if counted:
+        apply_frequency_presence(logits, [rows[i] for i in counted], counted)
+    biased = [i for i, row in enumerate(rows) if row.bias]
+    if biased:
+        apply_logit_bias(logits, [rows[i] for i in biased], biased)
     tokens = [0] * len(rows)
     for greedy in (True, False):
         index = [i for i, row in enumerate(rows) if row.greedy == greedy]
@@ -106,6 +130,12 @@ def choose_on_device(logits: torch.Tensor, rows: Sequence[RowControls], eos_ids:
     penalised = [i for i, row in enumerate(rows) if row.repetition_penalty != 1.0 and row.seen]
     if penalised:
         apply_repetition_penalty(logits, [rows[i] for i in penalised], penalised)
+    counted = [i for i, row in enumerate(rows) if row.counted and row.counts]
+    if counted:
+        apply_frequency_presence(logits, [rows[i] for i in counted], counted)
+    biased = [i for i, row in enumerate(rows) if row.bias]
+    if biased:
+        apply_logit_bias(logits, [rows[i] for i in biased], biased)
     suppressed = [i for i, row in enumerate(rows) if row.suppress_eos]
     if suppressed and eos_ids:
         row_index = torch.tensor(suppressed, device=device).unsqueeze(-1)
@@ -129,6 +159,9 @@ def _device_sample(scores: torch.Tensor, rows: Sequence[RowControls]) -> torch.T
     top_p = [row.top_p for row in rows]
     if any(p < 1.0 for p in top_p):
         log2w = _top_p(log2w, top_p)
+    min_p = [row.min_p for row in rows]
+    if any(min_p):
+        log2w = _min_p(log2w, min_p)
     cdf = torch.exp2(log2w).cumsum(dim=-1)
     uniforms = torch.tensor([row.uniform() for row in rows], dtype=cdf.dtype, device=device)
     target = (uniforms * cdf[:, -1]).unsqueeze(-1)
@@ -166,6 +199,39 @@ def apply_repetition_penalty(logits: torch.Tensor, rows: Sequence[RowControls], 
     penalty = torch.repeat_interleave(torch.tensor([row.repetition_penalty for row in rows]), counts).to(device)
     picked = logits[row_index, col_index]
     logits[row_index, col_index] = torch.where(picked < 0, picked * penalty, picked / penalty)
+
+
+def _scatter_index(
+    keys: Sequence[Sequence[int]], index: Sequence[int], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat (row, column) indexes of every row's listed token ids, for one gather or scatter over the batch."""
+    lengths = torch.tensor([len(k) for k in keys], device=device)
+    rows = torch.repeat_interleave(torch.tensor(list(index), device=device), lengths)
+    cols = torch.tensor([token for k in keys for token in k], dtype=torch.long, device=device)
+    return rows, cols
+
+
+def apply_frequency_presence(logits: torch.Tensor, rows: Sequence[RowControls], index: Sequence[int]) -> None:
+    """Subtract count x frequency_penalty + presence_penalty from each generated token's logit (OpenAI's rule)."""
+    keys = [list(row.counts) for row in rows]
+    row_index, col_index = _scatter_index(keys, index, logits.device)
+    counts = torch.tensor([n for row in rows for n in row.counts.values()], dtype=logits.dtype, device=logits.device)
+    lengths = [len(k) for k in keys]
+    frequency = torch.tensor(
+        [row.frequency_penalty for row, n in zip(rows, lengths) for _ in range(n)], dtype=logits.dtype
+    ).to(logits.device)
+    presence = torch.tensor(
+        [row.presence_penalty for row, n in zip(rows, lengths) for _ in range(n)], dtype=logits.dtype
+    ).to(logits.device)
+    logits[row_index, col_index] -= counts * frequency + presence
+
+
+def apply_logit_bias(logits: torch.Tensor, rows: Sequence[RowControls], index: Sequence[int]) -> None:
+    """Add each row's logit_bias to the logits of its tokens."""
+    keys = [list(row.bias) for row in rows]
+    row_index, col_index = _scatter_index(keys, index, logits.device)
+    bias = torch.tensor([b for row in rows for b in row.bias.values()], dtype=logits.dtype).to(logits.device)
+    logits[row_index, col_index] += bias
 
 
 def sample(scores: torch.Tensor, rows: Sequence[RowControls], eos_ids: Sequence[int] = ()) -> torch.Tensor:
@@ -207,7 +273,9 @@ def _reject(values: np.ndarray, peak: float, row: RowControls) -> int | None:
     vocab = len(values)
     for _ in range(REJECTION_TRIES):
         token = int(row.uniform() * vocab)
-        if row.uniform() < 2.0 ** ((float(values[token]) - peak) * scale):
+        ratio = 2.0 ** ((float(values[token]) - peak) * scale)  # p(token) / p(most likely), after temperature
+        # min_p keeps tokens at least min_p times as likely as the most likely one: the rest are never accepted.
+        if row.uniform() < ratio and ratio >= row.min_p:
             return token
     row.rejection_rest = REJECTION_REST
     return None
@@ -222,6 +290,9 @@ def _inverse_cdf_sample(scores: torch.Tensor, rows: Sequence[RowControls], peak:
     top_p = [row.top_p for row in rows]
     if any(p < 1.0 for p in top_p):
         log2w = _top_p(log2w, top_p)
+    min_p = [row.min_p for row in rows]
+    if any(min_p):
+        log2w = _min_p(log2w, min_p)
     return inverse_cdf(log2w, [row.uniform() for row in rows])
 
 
@@ -259,6 +330,13 @@ def _top_p(log2w: torch.Tensor, top_p: list[float]) -> torch.Tensor:
     drop = probs.cumsum(dim=-1) - probs >= torch.tensor(top_p, dtype=probs.dtype, device=probs.device).unsqueeze(-1)
     drop[:, 0] = False
     return log2w.scatter(1, order, ordered.masked_fill(drop, float("-inf")))
+
+
+def _min_p(log2w: torch.Tensor, min_p: list[float]) -> torch.Tensor:
+    """Keep the tokens at least min_p times as likely as each row's most likely one (min_p = 0: keep all)."""
+    floor = torch.tensor([math.log2(p) if p > 0 else -math.inf for p in min_p], dtype=log2w.dtype)
+    threshold = log2w.amax(dim=-1, keepdim=True) + floor.to(log2w.device).unsqueeze(-1)
+    return log2w.masked_fill(log2w < threshold, float("-inf"))
 
 
 def inverse_cdf(log2w: torch.Tensor, uniforms: Sequence[float]) -> np.ndarray:

@@ -14,7 +14,19 @@ from llmapi.engine.base import ModelFront
 from llmapi.engine.loader import LoadedModel
 from llmapi.engine.stats import TokenRate, model_facts
 from llmapi.engine.text import StopMatcher
-from llmapi.engine.types import EngineError, GenerationRequest, GenerationResult
+from llmapi.engine.types import EngineError, GenerationRequest, GenerationResult, InvalidRequest
+
+# What only the batching engine does; this baseline refuses a request that asks for any of it.
+BATCH_ONLY = {
+    "logprobs": lambda r: r.logprobs is not None or r.prompt_logprobs is not None,
+    "max_tokens": lambda r: r.max_new_tokens == 0,
+    "response_format": lambda r: r.grammar is not None,
+    "frequency_penalty": lambda r: r.frequency_penalty != 0.0,
+    "presence_penalty": lambda r: r.presence_penalty != 0.0,
+    "logit_bias": lambda r: bool(r.logit_bias),
+    "min_p": lambda r: r.min_p != 0.0,
+    "prompt": lambda r: r.prompt_ids is not None,
+}
 
 
 class SimpleHandle:
@@ -71,6 +83,9 @@ class SimpleEngine(ModelFront):
     def submit(self, request: GenerationRequest) -> SimpleHandle:
         """Check that `request` fits and return a handle that generates when asked."""
         submitted = time.monotonic()
+        for param, asks in BATCH_ONLY.items():
+            if asks(request):
+                raise InvalidRequest(f"{param} is not served in ENGINE_MODE=simple (the baseline).", param=param)
         prompt_ids = self.prompt_ids(request)
         return SimpleHandle(self, request, prompt_ids, submitted)
 

@@ -41,7 +41,37 @@ class ContextLengthExceeded(EngineError):
         )
 
 
+class InvalidRequest(EngineError):
+    """A request the engine cannot serve as asked (a token id outside the vocabulary, a schema it cannot compile,
+    a feature this engine lacks): the client's error, answered in each API's dialect for a refused body."""
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 GREEDY_BELOW_TEMPERATURE = 1e-5
+MAX_LOGPROBS = 20  # alternatives per position a request may ask for (OpenAI's chat limit; /v1/completions: 5)
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """A constraint on the generated text: `kind` "json_object" (any JSON object), "json_schema" (`source` is the
+    schema as JSON text), or "ebnf" (`source` is a GBNF-style grammar)."""
+
+    kind: str
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One position's token, its log-probability under the model's raw distribution, and the top alternatives."""
+
+    id: int
+    text: str
+    raw: bytes  # the token's own bytes (a byte-level token may hold part of a character)
+    logprob: float | None  # None only for a prompt's first token, which nothing before it predicts
+    top: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -60,6 +90,21 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     timeout_s: float | None = None
     stream: bool = False
+    # Penalties and biases on the logits, as OpenAI defines them (on generated tokens), and vLLM's min_p.
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    min_p: float = 0.0
+    # Log-probabilities: None = none; k >= 0 = each chosen token's, with its k most likely alternatives.
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (the first has none)
+    grammar: Grammar | None = None
+    prompt_ids: tuple[int, ...] | None = None  # token ids sent instead of text (`prompt` is then "")
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Whether the prefill must keep every prompt position's logits (such rows bypass any prefix cache)."""
+        return self.prompt_logprobs is not None
 
     @property
     def greedy(self) -> bool:
@@ -80,11 +125,28 @@ class GenerationResult:
     seed: int | None = None
     stop_sequence: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    logprobs: tuple[TokenLogprob, ...] | None = None  # one per generated token (end-of-sequence left out)
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # one per prompt token; the first's logprob is None
+    prompt_text: str | None = None  # the decoded prompt, when it was sent as token ids
 
     @property
     def total_tokens(self) -> int:
         """Prompt and completion tokens together."""
         return self.prompt_tokens + self.completion_tokens
+
+
+class Piece(str):
+    """A streamed piece of text that also carries the log-probabilities of the tokens it completes.
+
+    A `str`, so that every consumer of plain pieces keeps working; `logprobs` is () unless the request asked.
+    """
+
+    logprobs: tuple[TokenLogprob, ...]
+
+    def __new__(cls, text: str, logprobs: tuple[TokenLogprob, ...] = ()) -> Piece:
+        piece = super().__new__(cls, text)
+        piece.logprobs = logprobs
+        return piece
 
 
 class Handle(Protocol):
@@ -99,6 +161,11 @@ class EngineLike(Protocol):
     """What the runtime uses of an engine (the batching one, the simple one, or a fake in tests)."""
 
     model_name: str
+    context_length: int
+    vocab_size: int
 
     def submit(self, request: GenerationRequest) -> Handle: ...
     def render_chat(self, messages: Sequence[Mapping[str, str]]) -> str: ...
+    def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]: ...
+    def token_strings(self, ids: list[int]) -> list[str]: ...
+    def decode(self, ids: list[int]) -> str: ...

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-from marshmallow import Schema, fields
+from marshmallow import Schema, ValidationError, fields
 
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 256
@@ -109,3 +110,47 @@ class ErrorSchema(Schema):
     """Every error answered by the service."""
 
     error = fields.Nested(ErrorDetailSchema, required=True)
+
+
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI allows
+MAX_TOKEN_ID = 2**31 - 1
+MAX_SCHEMA_CHARS = 32_768  # a JSON schema or grammar, as sent
+
+
+class LogitBiasField(fields.Field):
+    """OpenAI's logit_bias: token id (a JSON object key, so a string of digits) -> bias in [-100, 100]."""
+
+    default_error_messages = {
+        "invalid": f"Must be an object of at most {MAX_LOGIT_BIAS} token ids (as strings) to numbers in [-100, 100]."
+    }
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> tuple[tuple[int, float], ...]:
+        if not isinstance(value, dict) or len(value) > MAX_LOGIT_BIAS:
+            raise self.make_error("invalid")
+        out = []
+        for key, bias in value.items():
+            if not (isinstance(key, str) and key.isascii() and key.isdigit() and int(key) <= MAX_TOKEN_ID):
+                raise self.make_error("invalid")
+            if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+                raise self.make_error("invalid")
+            out.append((int(key), float(bias)))
+        return tuple(out)
+
+    def _jsonschema_type_mapping(self) -> dict[str, Any]:
+        """The OpenAPI schema of this field (docs.field_attributes reads it)."""
+        return {
+            "type": "object",
+            "maxProperties": MAX_LOGIT_BIAS,
+            "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+            "description": "token id -> bias added to its logit before sampling (-100 bans it, 100 forces it)",
+        }
+
+
+def schema_source(schema: Any) -> str:
+    """A JSON schema as the canonical JSON text the engine compiles (and caches by); refuse what is not one."""
+    if not isinstance(schema, dict):
+        raise ValidationError("Must be a JSON schema (an object).")
+    text = json.dumps(schema, sort_keys=True, separators=(",", ":"))
+    if len(text) > MAX_SCHEMA_CHARS:
+        raise ValidationError(f"The schema is longer than {MAX_SCHEMA_CHARS} characters as JSON.")
+    return text

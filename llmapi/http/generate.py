@@ -10,19 +10,29 @@ from marshmallow import Schema, ValidationError, fields, validates_schema
 from marshmallow.validate import Length, Range
 
 from llmapi.config import Settings
-from llmapi.engine.types import ContextLengthExceeded, GenerationRequest, GenerationResult
+from llmapi.engine.types import (
+    ContextLengthExceeded,
+    GenerationRequest,
+    GenerationResult,
+    Grammar,
+    InvalidRequest,
+    TokenLogprob,
+)
 from llmapi.errors import APIError, respond
 from llmapi.http.answer import answer
 from llmapi.http.fields import (
+    MAX_SCHEMA_CHARS,
     MAX_SEED,
     MAX_STOP_SEQUENCES,
     ErrorSchema,
+    LogitBiasField,
     StopField,
     StrictBoolean,
     StrictFloat,
     StrictInteger,
     Text,
     UsageSchema,
+    schema_source,
 )
 from llmapi.http.hooks import require_api_key, require_json
 from llmapi.http.jsonbody import Blueprint  # JSON bodies parsed with limits
@@ -34,11 +44,35 @@ from llmapi.runtime.runner import Event
 MAX_TEMPERATURE = 100.0
 MAX_TOP_K = 1_000_000
 MAX_REPETITION_PENALTY = 100.0
+MAX_PENALTY = 2.0  # frequency_penalty and presence_penalty, OpenAI's range
+MAX_TOP_N_TOKENS = 5  # alternatives per position in details, as TGI allows
 VALIDATION_STATUS = 422  # this API's answer to a body its schema refuses (/v1 answers 400, as OpenAI does)
 SAMPLING_KEYS = ("temperature", "top_p", "top_k")
 PROMPT = "Artificial Intelligence is"  # the README's curl example
 RETRY_AFTER = {"Retry-After": {"description": "seconds before a retry may succeed", "schema": {"type": "integer"}}}
 SSE_SCHEMA = event_schema('JSON: `{"token": {"text": ...}}` per piece, then the full answer (or an error object)')
+
+
+class TokenSchema(Schema):
+    """One token of `details`: its id, text and log-probability (the model's raw log-softmax)."""
+
+    id = fields.Integer(required=True)
+    text = fields.String(required=True)
+    logprob = fields.Float(allow_none=True, metadata={"description": "null for the prompt's first token"})
+    special = fields.Boolean(required=True)
+
+
+class DetailsSchema(Schema):
+    """TGI-like details of a generation: every token and its log-probability, before temperature and penalties."""
+
+    finish_reason = fields.String(required=True)
+    generated_tokens = fields.Integer(required=True)
+    seed = fields.Integer(allow_none=True)
+    prefill = fields.List(fields.Nested(TokenSchema), metadata={"description": "with decoder_input_details"})
+    tokens = fields.List(fields.Nested(TokenSchema), required=True)
+    top_tokens = fields.List(
+        fields.List(fields.Nested(TokenSchema)), metadata={"description": "with top_n_tokens: per position"}
+    )
 
 
 class GenerateResponseSchema(Schema):
@@ -54,6 +88,7 @@ class GenerateResponseSchema(Schema):
     usage = fields.Nested(UsageSchema, required=True)
     model = fields.String(required=True)
     seed = fields.Integer(allow_none=True, metadata={"description": "the seed used; send it back to reproduce"})
+    details = fields.Nested(DetailsSchema, metadata={"description": "with details: true"})
 
 
 def request_schema(settings: Settings) -> type[Schema]:
@@ -93,13 +128,61 @@ def request_schema(settings: Settings) -> type[Schema]:
             metadata={"description": "deadline; on expiry the text so far is returned with finish_reason timeout"},
         )
         stream = StrictBoolean(load_default=False, metadata={"description": "answer with Server-Sent Events"})
+        frequency_penalty = StrictFloat(
+            load_default=0.0,
+            validate=Range(min=-MAX_PENALTY, max=MAX_PENALTY),
+            metadata={"description": "subtracted from a generated token's logit once per time it was generated"},
+        )
+        presence_penalty = StrictFloat(
+            load_default=0.0,
+            validate=Range(min=-MAX_PENALTY, max=MAX_PENALTY),
+            metadata={"description": "subtracted once from the logit of every token already generated"},
+        )
+        logit_bias = LogitBiasField()
+        min_p = StrictFloat(
+            load_default=0.0,
+            validate=Range(min=0, max=1),
+            metadata={"description": "sampling drops tokens less than min_p times as likely as the most likely"},
+        )
+        details = StrictBoolean(
+            load_default=False,
+            metadata={"description": "add `details`: each generated token's id, text and log-probability (raw)"},
+        )
+        top_n_tokens = StrictInteger(
+            load_default=0,
+            validate=Range(min=0, max=MAX_TOP_N_TOKENS),
+            metadata={"description": "with details: this many most likely alternatives per position"},
+        )
+        decoder_input_details = StrictBoolean(
+            load_default=False, metadata={"description": "with details: score the prompt's tokens too (`prefill`)"}
+        )
+        json_schema = fields.Dict(
+            metadata={
+                "description": f"constrain the output to JSON valid under this schema (at most {MAX_SCHEMA_CHARS}"
+                " characters)"
+            }
+        )
 
         @validates_schema
         def _min_below_max(self, data: dict[str, Any], **kwargs: Any) -> None:
             if data.get("min_new_tokens", 0) > data.get("max_new_tokens", 0):
                 raise ValidationError("must not exceed max_new_tokens.", "min_new_tokens")
 
+        @validates_schema
+        def _one_constraint(self, data: dict[str, Any], **kwargs: Any) -> None:
+            if "json_schema" in data:
+                schema_source(data["json_schema"])  # refuses an over-long one, naming json_schema
+            if (data.get("top_n_tokens") or data.get("decoder_input_details")) and not data.get("details"):
+                raise ValidationError("needs details: true.", "top_n_tokens")
+
     return GenerateRequestSchema
+
+
+def grammar_of(args: dict[str, Any]) -> Grammar | None:
+    """The constraint a /generate body asks for, if any."""
+    if "json_schema" in args:
+        return Grammar("json_schema", schema_source(args["json_schema"]))
+    return None
 
 
 def to_generation_request(args: dict[str, Any]) -> GenerationRequest:
@@ -107,6 +190,7 @@ def to_generation_request(args: dict[str, Any]) -> GenerationRequest:
     do_sample = args.get("do_sample")
     if do_sample is None:
         do_sample = any(key in args for key in SAMPLING_KEYS)
+    details = args["details"]
     return GenerationRequest(
         prompt=args["prompt"],
         max_new_tokens=args["max_new_tokens"],
@@ -120,7 +204,35 @@ def to_generation_request(args: dict[str, Any]) -> GenerationRequest:
         stop=args.get("stop", ()),
         timeout_s=args["timeout_ms"] / 1000.0,
         stream=args["stream"],
+        frequency_penalty=args["frequency_penalty"],
+        presence_penalty=args["presence_penalty"],
+        logit_bias=args.get("logit_bias", ()),
+        min_p=args["min_p"],
+        logprobs=args["top_n_tokens"] if details else None,
+        prompt_logprobs=args["top_n_tokens"] if details and args["decoder_input_details"] else None,
+        grammar=grammar_of(args),
     )
+
+
+def token_body(entry: TokenLogprob) -> dict[str, Any]:
+    """One token of `details`."""
+    return {"id": entry.id, "text": entry.text, "logprob": entry.logprob, "special": False}
+
+
+def details_body(result: GenerationResult, args: dict[str, Any]) -> dict[str, Any]:
+    """TGI's `details`: the generated tokens (and alternatives, and the prompt's, when asked)."""
+    tokens = result.logprobs or ()
+    body: dict[str, Any] = {
+        "finish_reason": result.finish_reason,
+        "generated_tokens": result.completion_tokens,
+        "seed": result.seed,
+        "tokens": [token_body(entry) for entry in tokens],
+    }
+    if args["decoder_input_details"]:
+        body["prefill"] = [token_body(entry) for entry in result.prompt_logprobs or ()]
+    if args["top_n_tokens"]:
+        body["top_tokens"] = [[token_body(alt) for alt in entry.top] for entry in tokens]
+    return body
 
 
 def generate_body(result: GenerationResult, args: dict[str, Any]) -> dict[str, Any]:
@@ -137,6 +249,7 @@ def generate_body(result: GenerationResult, args: dict[str, Any]) -> dict[str, A
         },
         "model": result.model,
         "seed": result.seed,
+        **({"details": details_body(result, args)} if args["details"] else {}),
     }
 
 
@@ -158,6 +271,8 @@ class GenerateFormat:
         for _, item in events:
             if isinstance(item, GenerationResult):
                 yield self._response.dump(self.body([item]))
+            elif self.args["details"]:
+                yield {"token": {"text": str(item)}, "tokens": [token_body(e) for e in getattr(item, "logprobs", ())]}
             else:
                 yield {"token": {"text": item}}
 
@@ -165,6 +280,11 @@ class GenerateFormat:
 def context_too_long(exc: ContextLengthExceeded) -> Response:
     """This API's answer to a prompt plus max_new_tokens that do not fit the model."""
     return respond(APIError(str(exc), status=422, param="max_new_tokens"))
+
+
+def refused(exc: InvalidRequest) -> Response:
+    """The engine cannot serve the body as asked (a token id outside the vocabulary, a schema it cannot compile)."""
+    return respond(APIError(str(exc), status=VALIDATION_STATUS, param=exc.param))
 
 
 def request_examples(settings: Settings) -> dict[str, dict[str, Any]]:
@@ -209,6 +329,7 @@ def create_blueprint(settings: Settings) -> Blueprint:
     blp.before_request(require_api_key)
     blp.before_request(require_json)
     blp.register_error_handler(ContextLengthExceeded, context_too_long)
+    blp.register_error_handler(InvalidRequest, refused)
 
     @blp.route("/generate", methods=["POST"])
     # An instance, not the class: webargs would otherwise build (and deep-copy the fields of) one per request.

@@ -11,10 +11,11 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
-from llmapi.engine.types import GenerationRequest, GenerationResult
+from llmapi.engine.types import EngineLike, GenerationRequest, GenerationResult
 from llmapi.runtime.admission import Slot
 from llmapi.runtime.service import EngineService
 from llmapi.runtime.tracking import TrackedHandle
@@ -114,3 +115,13 @@ def start(
     finally:
         generation.let_go()
     return generation
+
+
+@contextmanager
+def admitted(service: EngineService) -> Iterator[EngineLike]:
+    """The engine for a request that only needs its tokenizer: admitted like a generation (it may load the model)."""
+    slot = service.admission.enter()
+    try:
+        yield service.engine()
+    finally:
+        slot.release()

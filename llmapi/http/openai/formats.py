@@ -7,7 +7,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from llmapi.engine.types import GenerationResult
+from llmapi.engine.types import GenerationResult, TokenLogprob
 from llmapi.runtime.runner import Event
 
 # OpenAI names two endings: "stop" (the model ended, or a stop sequence matched) and "length" (max_tokens).
@@ -19,6 +19,38 @@ FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "timeout": 
 def finish_reason(result: GenerationResult) -> str:
     """Name the way a generation ended as OpenAI does."""
     return FINISH_REASONS.get(result.finish_reason, result.finish_reason)
+
+
+def scored(piece: str) -> tuple[TokenLogprob, ...]:
+    """The log-probabilities a streamed piece carries (engine/types.py's Piece), if any."""
+    return getattr(piece, "logprobs", ())
+
+
+def legacy_logprobs(entries: Sequence[TokenLogprob], offset: int = 0) -> dict[str, list[Any]]:
+    """OpenAI's legacy completions shape: tokens, token_logprobs, top_logprobs (dicts), text_offset from `offset`.
+
+    A position's dict holds its k alternatives and its own token, as vLLM's does; a prompt's first token has
+    null in both lists.
+    """
+    tokens, values, tops, offsets = [], [], [], []
+    for entry in entries:
+        tokens.append(entry.text)
+        values.append(entry.logprob)
+        if entry.logprob is None:
+            tops.append(None)
+        else:
+            top = {alt.text: alt.logprob for alt in entry.top}
+            top.setdefault(entry.text, entry.logprob)
+            tops.append(top)
+        offsets.append(offset)
+        offset += len(entry.text)
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_logprob(entry: TokenLogprob) -> dict[str, Any]:
+    """One position of a chat's logprobs.content: the token, its log-probability, its bytes, its alternatives."""
+    top = [{"token": alt.text, "logprob": alt.logprob, "bytes": list(alt.raw)} for alt in entry.top]
+    return {"token": entry.text, "logprob": entry.logprob, "bytes": list(entry.raw), "top_logprobs": top}
 
 
 def usage(results: Sequence[GenerationResult | None], n: int) -> dict[str, int]:
@@ -59,7 +91,7 @@ class OpenAIFormat:
             if isinstance(item, GenerationResult):
                 results[index] = item
                 yield {**head, "choices": [self.closing(index, item)], **extra}
-            elif item:
+            elif item or scored(item):
                 yield {**head, "choices": [self.delta(index, item)], **extra}
         if self.include_usage:
             yield {**head, "choices": [], "usage": usage(results, self.n)}
@@ -86,27 +118,46 @@ class CompletionFormat(OpenAIFormat):
 
     prefix, object, chunk_object = "cmpl-", "text_completion", "text_completion"
 
-    def __init__(self, model: str, prompts: Sequence[str], *, n: int, echo: bool, include_usage: bool = False):
+    def __init__(
+        self,
+        model: str,
+        prompts: Sequence[str],
+        *,
+        n: int,
+        echo: bool,
+        logprobs: int | None = None,
+        include_usage: bool = False,
+    ):
         super().__init__(model, choices=len(prompts), n=n, include_usage=include_usage)
         self.prompts = prompts  # the prompt of each choice, prompt-major
         self.echo = echo
+        self.logprobs = logprobs
+        self._offsets = [len(prompt) if echo else 0 for prompt in prompts]  # a stream's text so far, per choice
 
-    def _choice(self, index: int, text: str, reason: str | None) -> dict[str, Any]:
+    def _choice(self, index: int, text: str, reason: str | None, logprobs: Any = None) -> dict[str, Any]:
         """One choice object."""
-        return {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
 
     def choice(self, index: int, result: GenerationResult) -> dict[str, Any]:
         """A finished choice."""
-        prefix = self.prompts[index] if self.echo else ""
-        return self._choice(index, prefix + result.text, finish_reason(result))
+        prefix = "" if not self.echo else result.prompt_text if result.prompt_text is not None else self.prompts[index]
+        logprobs = None
+        if self.logprobs is not None:
+            prompt = (result.prompt_logprobs or ()) if self.echo else ()
+            logprobs = legacy_logprobs([*prompt, *(result.logprobs or ())])
+        return self._choice(index, prefix + result.text, finish_reason(result), logprobs)
 
     def opening(self, index: int) -> dict[str, Any] | None:
         """The first chunk of a streamed choice: the prompt when echoing."""
         return self._choice(index, self.prompts[index], None) if self.echo else None
 
     def delta(self, index: int, text: str) -> dict[str, Any]:
-        """A chunk of new text."""
-        return self._choice(index, text, None)
+        """A chunk of new text, with its tokens' log-probabilities when asked."""
+        logprobs = None
+        if self.logprobs is not None:
+            logprobs = legacy_logprobs(scored(text), self._offsets[index])
+            self._offsets[index] += sum(len(entry.text) for entry in scored(text))
+        return self._choice(index, str(text), None, logprobs)
 
     def closing(self, index: int, result: GenerationResult) -> dict[str, Any]:
         """The last chunk of a streamed choice."""
@@ -118,13 +169,19 @@ class ChatFormat(OpenAIFormat):
 
     prefix, object, chunk_object = "chatcmpl-", "chat.completion", "chat.completion.chunk"
 
-    def __init__(self, model: str, *, n: int, include_usage: bool = False) -> None:
+    def __init__(self, model: str, *, n: int, logprobs: bool = False, include_usage: bool = False) -> None:
         super().__init__(model, choices=n, n=n, include_usage=include_usage)
+        self.logprobs = logprobs
+
+    def _logprobs(self, entries: Sequence[TokenLogprob]) -> dict[str, Any] | None:
+        """A choice's (or a chunk's) logprobs object, when asked."""
+        return {"content": [chat_logprob(entry) for entry in entries]} if self.logprobs else None
 
     def choice(self, index: int, result: GenerationResult) -> dict[str, Any]:
         """A finished choice."""
         message = {"role": "assistant", "content": result.text}
-        return {"index": index, "message": message, "logprobs": None, "finish_reason": finish_reason(result)}
+        logprobs = self._logprobs(result.logprobs or ())
+        return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason(result)}
 
     def opening(self, index: int) -> dict[str, Any]:
         """The first chunk of a streamed choice carries the role."""
@@ -132,7 +189,12 @@ class ChatFormat(OpenAIFormat):
 
     def delta(self, index: int, text: str) -> dict[str, Any]:
         """A chunk of new text."""
-        return {"index": index, "delta": {"content": text}, "logprobs": None, "finish_reason": None}
+        return {
+            "index": index,
+            "delta": {"content": str(text)},
+            "logprobs": self._logprobs(scored(text)),
+            "finish_reason": None,
+        }
 
     def closing(self, index: int, result: GenerationResult) -> dict[str, Any]:
         """The last chunk of a streamed choice."""

@@ -11,7 +11,7 @@ from marshmallow import Schema
 
 from llmapi.config import Settings
 from llmapi.engine.chat import ChatTemplateError
-from llmapi.engine.types import ContextLengthExceeded, GenerationRequest
+from llmapi.engine.types import ContextLengthExceeded, GenerationRequest, InvalidRequest
 from llmapi.errors import APIError, respond
 from llmapi.http.answer import answer
 from llmapi.http.fields import MAX_SEED, ErrorSchema
@@ -29,6 +29,7 @@ from llmapi.http.openai.schemas import (
 # This API's error dialect, declared once: a refused body is OpenAI's 400 (/generate answers 422), and a
 # request too long for the context names the part the client can shorten.
 VALIDATION_STATUS = 400
+GRAMMAR_KINDS = ("json_object", "json_schema", "ebnf")  # what the engine names a grammar it refused by
 CONTEXT_PARAM = {"openai.completions": "prompt", "openai.chat_completions": "messages"}
 ERRORS = [
     (400, "Invalid parameters, an unsupported parameter, or too long for the context"),
@@ -55,10 +56,17 @@ def chat_refused(exc: ChatTemplateError) -> Response:
     return respond(APIError(str(exc), status=400, param="messages"))
 
 
+def refused(exc: InvalidRequest) -> Response:
+    """The engine cannot serve the request as asked (a token id outside the vocabulary, a schema it cannot compile)."""
+    param = "response_format" if exc.param in GRAMMAR_KINDS else exc.param
+    return respond(APIError(str(exc), status=VALIDATION_STATUS, param=param))
+
+
 def register_errors(blp: Blueprint) -> None:
     """Install this API's error dialect on its blueprint."""
     blp.register_error_handler(ContextLengthExceeded, context_too_long)
     blp.register_error_handler(ChatTemplateError, chat_refused)
+    blp.register_error_handler(InvalidRequest, refused)
 
 
 def choice_seed(seed: int | None, index: int) -> int | None:
@@ -66,19 +74,37 @@ def choice_seed(seed: int | None, index: int) -> int | None:
     return None if seed is None else (seed + index) % (MAX_SEED + 1)
 
 
-def choice_requests(prompts: Sequence[str], args: dict[str, Any], settings: Settings) -> list[GenerationRequest]:
+def choice_requests(
+    prompts: Sequence[str | tuple[int, ...]],
+    args: dict[str, Any],
+    settings: Settings,
+    *,
+    logprobs: int | None = None,
+    prompt_logprobs: int | None = None,
+) -> list[GenerationRequest]:
     """One engine request per choice, prompt-major (choice index = prompt index x n + i)."""
     return [
         GenerationRequest(
-            prompt=prompt,
+            prompt=prompt if isinstance(prompt, str) else "",
+            prompt_ids=None if isinstance(prompt, str) else prompt,
             max_new_tokens=args["max_tokens"],
+            min_new_tokens=args["min_tokens"],
             do_sample=True,  # OpenAI samples unless temperature is 0, which GenerationRequest.greedy honours
             temperature=args["temperature"],
             top_p=args["top_p"],
+            top_k=max(args["top_k"], 0),  # vLLM's -1 means all, as 0 does here
+            min_p=args["min_p"],
+            repetition_penalty=args["repetition_penalty"],
+            frequency_penalty=args["frequency_penalty"],
+            presence_penalty=args["presence_penalty"],
+            logit_bias=args.get("logit_bias", ()),
             seed=choice_seed(args.get("seed"), i),
             stop=args.get("stop", ()),
             timeout_s=settings.timeout_default_ms / 1000.0,
             stream=args["stream"],
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            grammar=args.get("response_format"),
         )
         for prompt in prompts
         for i in range(args["n"])
@@ -146,9 +172,15 @@ def create_blueprint(settings: Settings) -> Blueprint:
         `text_completion`, each carrying one choice's new text, then `data: [DONE]`.
         """
         model = served_model(args, settings)
-        prompts = [prompt for prompt in args["prompt"] for _ in range(args["n"])]
-        fmt = CompletionFormat(model, prompts, n=args["n"], echo=args["echo"], include_usage=include_usage(args))
-        return answer(choice_requests(args["prompt"], args, settings), fmt, stream=args["stream"])
+        # A token-id prompt's text is the engine's to decode: the echo takes it from the result.
+        prompts = [prompt if isinstance(prompt, str) else "" for prompt in args["prompt"] for _ in range(args["n"])]
+        logprobs = args.get("logprobs")
+        fmt = CompletionFormat(
+            model, prompts, n=args["n"], echo=args["echo"], logprobs=logprobs, include_usage=include_usage(args)
+        )
+        scored = logprobs if args["echo"] else None
+        requests = choice_requests(args["prompt"], args, settings, logprobs=logprobs, prompt_logprobs=scored)
+        return answer(requests, fmt, stream=args["stream"])
 
     @generation_route("/chat/completions", schemas.chat(), ChatCompletionResponseSchema, examples["chat"])
     def chat_completions(args: dict[str, Any]) -> Any:
@@ -160,7 +192,9 @@ def create_blueprint(settings: Settings) -> Blueprint:
         """
         model = served_model(args, settings)
         messages = [{"role": m["role"], "content": m["content"]} for m in args["messages"]]
-        fmt = ChatFormat(model, n=args["n"], include_usage=include_usage(args))
-        return answer(choice_requests([""], args, settings), fmt, stream=args["stream"], messages=messages)
+        logprobs = args.get("top_logprobs", 0) if args["logprobs"] else None
+        fmt = ChatFormat(model, n=args["n"], logprobs=logprobs is not None, include_usage=include_usage(args))
+        requests = choice_requests([""], args, settings, logprobs=logprobs)
+        return answer(requests, fmt, stream=args["stream"], messages=messages)
 
     return blp

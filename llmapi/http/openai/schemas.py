@@ -11,14 +11,18 @@ from marshmallow.validate import Length, OneOf, Range
 
 from llmapi.config import Settings
 from llmapi.engine.chat import ROLES
+from llmapi.engine.types import Grammar
 from llmapi.http.fields import (
     MAX_SEED,
+    MAX_TOKEN_ID,
+    LogitBiasField,
     StopField,
     StrictBoolean,
     StrictFloat,
     StrictInteger,
     UsageSchema,
     is_text,
+    schema_source,
 )
 from llmapi.http.sse import event_schema
 
@@ -26,6 +30,12 @@ MAX_MESSAGES = 256
 MAX_MODEL_CHARS = 256
 MAX_USER_CHARS = 256
 MAX_TEMPERATURE = 2.0  # OpenAI's documented range (/generate follows transformers' wider one)
+MAX_PENALTY = 2.0  # frequency_penalty and presence_penalty: OpenAI's range, -2 to 2
+MAX_COMPLETION_LOGPROBS = 5  # /v1/completions' logprobs, as OpenAI's legacy API
+MAX_TOP_LOGPROBS = 20  # /v1/chat/completions' top_logprobs
+MAX_TOP_K = 1_000_000
+MAX_REPETITION_PENALTY = 100.0
+MAX_SCHEMA_NAME = 64
 CHUNK_EVENT_SCHEMA = event_schema("JSON: a chunk (or an error object), or `[DONE]` at the end")
 
 
@@ -51,27 +61,49 @@ class OpenAIStopField(StopField):
         return {"oneOf": [schema["oneOf"][0], {**schema["oneOf"][1], "minItems": 0}]}
 
 
+def is_ids(value: Any) -> bool:
+    """Whether `value` is a list of token ids (JSON integers, not booleans)."""
+    return isinstance(value, list) and bool(value) and all(type(item) is int for item in value)
+
+
 class PromptField(fields.Field):
-    """A prompt, or a list of prompts, normalised to a tuple of non-empty strings."""
+    """A prompt, or a list of prompts, as text or token ids: a tuple of non-empty strings or tuples of ids."""
 
     def __init__(self, *, max_chars: int, max_items: int, **kwargs: Any) -> None:
         text = {"type": "string", "minLength": 1, "maxLength": max_chars}
         many = {"type": "array", "items": text, "minItems": 1, "maxItems": max_items}
-        super().__init__(metadata={"oneOf": [text, many], **kwargs.pop("metadata", {})}, **kwargs)
+        token = {"type": "integer", "minimum": 0, "maximum": MAX_TOKEN_ID}
+        ids = {"type": "array", "items": token, "minItems": 1, "maxItems": max_chars}
+        many_ids = {"type": "array", "items": ids, "minItems": 1, "maxItems": max_items}
+        schemas = [text, many, ids, many_ids]
+        super().__init__(metadata={"oneOf": schemas, **kwargs.pop("metadata", {})}, **kwargs)
         self.max_chars = max_chars
         self.max_items = max_items
 
-    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> tuple[str, ...]:
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> tuple[str | tuple[int, ...], ...]:
+        if is_ids(value) or (isinstance(value, list) and value and all(is_ids(item) for item in value)):
+            return self._ids(value)
         items = [value] if isinstance(value, str) else value
         if not isinstance(items, list) or not 0 < len(items) <= self.max_items:
             raise ValidationError(
-                f"Must be a string or a list of 1 to {self.max_items} strings (token ids are not accepted)."
+                f"Must be a string, a list of 1 to {self.max_items} strings, a list of token ids or a list of such"
+                " lists."
             )
         if not all(isinstance(item, str) and 0 < len(item) <= self.max_chars for item in items):
             raise ValidationError(f"Every prompt must be a string of 1 to {self.max_chars} characters.")
         if not all(is_text(item) for item in items):
             raise ValidationError("Must be valid Unicode text (it has an unpaired surrogate).")
         return tuple(items)
+
+    def _ids(self, value: list[Any]) -> tuple[tuple[int, ...], ...]:
+        """Token-id prompts: one list of ids, or a list of them."""
+        prompts = [value] if is_ids(value) else value
+        if len(prompts) > self.max_items:
+            raise ValidationError(f"At most {self.max_items} prompts.")
+        for ids in prompts:
+            if len(ids) > self.max_chars or not all(0 <= token <= MAX_TOKEN_ID for token in ids):
+                raise ValidationError(f"A token-id prompt holds 1 to {self.max_chars} ids, each 0 to {MAX_TOKEN_ID}.")
+        return tuple(tuple(ids) for ids in prompts)
 
 
 class ContentField(fields.Field):
@@ -125,6 +157,54 @@ class Unsupported(fields.Field):
         return value
 
 
+class ResponseFormatField(fields.Field):
+    """response_format: text, json_object (any JSON object) or json_schema; loads as a Grammar, or None for text."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kinds = {"type": "string", "enum": ["text", "json_object", "json_schema"]}
+        json_schema = {
+            "type": "object",
+            "required": ["name"],
+            "properties": {
+                "name": {"type": "string", "maxLength": MAX_SCHEMA_NAME},
+                "description": {"type": "string"},
+                "schema": {"type": "object", "description": "the JSON schema the answer must validate against"},
+                "strict": {"type": "boolean", "nullable": True},
+            },
+            "additionalProperties": False,
+        }
+        schema = {
+            "type": "object",
+            "required": ["type"],
+            "properties": {"type": kinds, "json_schema": json_schema},
+            "additionalProperties": False,
+            "description": "constrain the output: JSON mode, or JSON validating a schema (enforced token by token)",
+        }
+        super().__init__(metadata=schema, **kwargs)
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Grammar | None:
+        if not isinstance(value, dict) or value.get("type") not in ("text", "json_object", "json_schema"):
+            raise ValidationError('Must be {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", ...}.')
+        kind = value["type"]
+        if set(value) - {"type", "json_schema"}:
+            raise ValidationError("response_format takes type and json_schema.")
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return Grammar("json_object")
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or len(spec["name"]) > MAX_SCHEMA_NAME:
+            raise ValidationError(f"json_schema must be an object with a name of at most {MAX_SCHEMA_NAME} characters.")
+        if set(spec) - {"name", "description", "schema", "strict"}:
+            raise ValidationError("json_schema takes name, description, schema and strict.")
+        if spec.get("strict") not in (None, True, False):
+            raise ValidationError("json_schema.strict must be a boolean.")
+        try:
+            return Grammar("json_schema", schema_source(spec.get("schema", {})))
+        except ValidationError as exc:
+            raise ValidationError(f"json_schema.schema: {exc.messages[0]}") from exc
+
+
 class StreamOptionsSchema(Schema):
     """stream_options: what a stream carries besides the text."""
 
@@ -162,7 +242,13 @@ class CompletionChoiceSchema(Schema):
 
     index = fields.Integer(required=True, metadata={"description": "prompt index x n + choice index"})
     text = fields.String(required=True)
-    logprobs = fields.Raw(allow_none=True, metadata={"description": "always null (not supported)"})
+    logprobs = fields.Raw(
+        allow_none=True,
+        metadata={
+            "description": "with `logprobs`: `tokens`, `token_logprobs`, `top_logprobs` (a dict per position) and"
+            " `text_offset` (into `text`); the model's raw log-softmax, before temperature, penalties and biases"
+        },
+    )
     finish_reason = fields.String(required=True, metadata={"description": "stop, length or timeout"})
 
 
@@ -195,7 +281,13 @@ class ChatChoiceSchema(Schema):
 
     index = fields.Integer(required=True)
     message = fields.Nested(ChatMessageOutSchema, required=True)
-    logprobs = fields.Raw(allow_none=True, metadata={"description": "always null (not supported)"})
+    logprobs = fields.Raw(
+        allow_none=True,
+        metadata={
+            "description": "with `logprobs: true`: `content`, a list of {token, logprob, bytes, top_logprobs}; the"
+            " model's raw log-softmax, before temperature, penalties and biases"
+        },
+    )
     finish_reason = fields.String(required=True, metadata={"description": "stop, length or timeout"})
 
 
@@ -259,9 +351,44 @@ def build(settings: Settings) -> OpenAISchemas:
         user = fields.String(
             allow_none=True, validate=Length(max=MAX_USER_CHARS), metadata={"description": "accepted, not used"}
         )
-        presence_penalty = Unsupported(0)
-        frequency_penalty = Unsupported(0)
-        logit_bias = Unsupported({})
+        presence_penalty = StrictFloat(
+            load_default=0.0,
+            validate=Range(min=-MAX_PENALTY, max=MAX_PENALTY),
+            metadata={"description": "subtracted once from the logit of every token already generated"},
+        )
+        frequency_penalty = StrictFloat(
+            load_default=0.0,
+            validate=Range(min=-MAX_PENALTY, max=MAX_PENALTY),
+            metadata={"description": "subtracted from a generated token's logit once per time it was generated"},
+        )
+        logit_bias = LogitBiasField()
+        # vLLM's extra sampling parameters
+        top_k = StrictInteger(
+            load_default=0,
+            validate=Range(min=-1, max=MAX_TOP_K),
+            metadata={"description": "sample from the k most likely tokens; 0 or -1: all (vLLM's extra)"},
+        )
+        min_p = StrictFloat(
+            load_default=0.0,
+            validate=Range(min=0, max=1),
+            metadata={"description": "drop tokens less than min_p times as likely as the most likely (vLLM's extra)"},
+        )
+        repetition_penalty = StrictFloat(
+            load_default=1.0,
+            validate=Range(min=0, max=MAX_REPETITION_PENALTY, min_inclusive=False),
+            metadata={"description": "CTRL's penalty on prompt and generated tokens; 1 = none (vLLM's extra)"},
+        )
+        min_tokens = StrictInteger(
+            load_default=0,
+            validate=Range(min=0, max=limit),
+            metadata={"description": "end-of-sequence suppressed until this many tokens (vLLM's extra)"},
+        )
+
+        @validates_schema
+        def _min_below_max(self, data: dict[str, Any], **kwargs: Any) -> None:
+            top = data.get("max_completion_tokens", data.get("max_tokens", 0))
+            if data.get("min_tokens", 0) > top:
+                raise ValidationError("must not exceed max_tokens.", "min_tokens")
 
         @pre_load
         def _null_is_absent(self, data: Any, **kwargs: Any) -> Any:
@@ -279,15 +406,38 @@ def build(settings: Settings) -> OpenAISchemas:
             max_items=choices,
             metadata={"example": "Artificial Intelligence is"},
         )
-        echo = StrictBoolean(load_default=False, allow_none=True, metadata={"description": "prepend the prompt"})
+        max_tokens = StrictInteger(
+            allow_none=True,
+            load_default=settings.max_new_tokens_default,
+            validate=Range(min=0, max=limit),
+            metadata={"example": min(16, limit), "description": "0 only with echo: score the prompt, generate nothing"},
+        )
+        echo = StrictBoolean(
+            load_default=False,
+            allow_none=True,
+            metadata={"description": "prepend the prompt; with logprobs, its tokens are scored too (the first: null)"},
+        )
         best_of = Unsupported(1)  # no server-side ranking of candidates
         suffix = Unsupported("")
-        logprobs = Unsupported()
+        logprobs = StrictInteger(
+            validate=Range(min=0, max=MAX_COMPLETION_LOGPROBS),
+            metadata={"description": "log-probability of each token, and of this many most likely alternatives"},
+        )
+        response_format = ResponseFormatField()
 
         @validates_schema
         def _choices_fit(self, data: dict[str, Any], **kwargs: Any) -> None:
             if len(data.get("prompt", ())) * data.get("n", 1) > choices:
                 raise ValidationError(f"prompts x n must be at most {choices}.", "n")
+
+        @validates_schema
+        def _zero_needs_echo(self, data: dict[str, Any], **kwargs: Any) -> None:
+            if data.get("max_tokens") == 0 and not data.get("echo"):
+                raise ValidationError("0 is allowed only with echo: true (score the prompt).", "max_tokens")
+            if data.get("echo") and data.get("stream") and "logprobs" in data:
+                raise ValidationError("echo with logprobs is not served in a stream; send stream: false.", "stream")
+            if data.get("echo") and data.get("stream") and any(not isinstance(p, str) for p in data.get("prompt", ())):
+                raise ValidationError("echo of a token-id prompt is not served in a stream.", "stream")
 
     class ChatMessageSchema(MessageSchema):
         """One chat message, its content limited like a prompt."""
@@ -308,14 +458,19 @@ def build(settings: Settings) -> OpenAISchemas:
             validate=Range(min=1, max=limit),
             metadata={"description": "max_tokens under its newer name; wins when both are sent"},
         )
-        logprobs = Unsupported(False)
-        top_logprobs = Unsupported(0)
+        logprobs = StrictBoolean(
+            load_default=False, metadata={"description": "return each generated token's log-probability"}
+        )
+        top_logprobs = StrictInteger(
+            validate=Range(min=0, max=MAX_TOP_LOGPROBS),
+            metadata={"description": "with logprobs: this many most likely alternatives per position"},
+        )
         tools = Unsupported([])
         tool_choice = Unsupported("none")
         parallel_tool_calls = Unsupported(True, False)  # says how to call tools; there are none to call
         functions = Unsupported([])
         function_call = Unsupported("none")
-        response_format = Unsupported({"type": "text"})
+        response_format = ResponseFormatField()
         modalities = Unsupported(["text"])
         audio = Unsupported()
         prediction = Unsupported()
@@ -331,6 +486,11 @@ def build(settings: Settings) -> OpenAISchemas:
                 raise ValidationError(
                     f"The contents together exceed {settings.max_prompt_chars} characters.", "messages"
                 )
+
+        @validates_schema
+        def _top_needs_logprobs(self, data: dict[str, Any], **kwargs: Any) -> None:
+            if data.get("top_logprobs") and not data.get("logprobs"):
+                raise ValidationError("needs logprobs: true.", "top_logprobs")
 
         @post_load
         def _newer_name_wins(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
