@@ -239,3 +239,15 @@ def test_simple_engine_stats(tiny_model):
     assert (stats["engine_mode"], stats["decoding"], stats["waiting"]) == ("simple", 0, 0)
     assert stats["generated_tokens"] == result.completion_tokens
     assert stats["dtype"] == "float32"
+
+
+def test_page_offers_logprobs_and_structured_output(client):
+    page = parse(client.get("/").get_data(as_text=True))
+    controls = dict(page.controls)
+    assert controls["logprobs"] == "checkbox"
+    assert "top_logprobs" in controls and "response-format" in controls and "json-schema" in controls
+    html = client.get("/").get_data(as_text=True)
+    for value in ('value="none"', 'value="json_object"', 'value="json_schema"'):
+        assert value in html
+    for field in ("top_logprobs", "json-schema"):  # where the API's errors naming logprobs or response_format go
+        assert f'id="{field}-error"' in html

@@ -366,14 +366,169 @@ def test_completion_mode_continues_the_prompt(page):
     assert page.answer()
 
 
+def posts(browser: Browser) -> list[dict[str, Any]]:
+    """The POSTs to /v1 the browser has sent so far (DevTools' Network.Request objects, with postData)."""
+    browser.drain_logs()
+    return [r for r in browser.requests if r["method"] == "POST" and urlsplit(r["url"]).path.startswith("/v1/")]
+
+
+def choose_format(page: Playground, kind: str, schema: str | None = None) -> None:
+    """Pick an output format and, for json_schema, type the schema into its box."""
+    from selenium.webdriver.support.ui import Select
+
+    Select(page.find("#response-format")).select_by_value(kind)
+    if schema is not None:
+        assert page.find("#json-schema").is_displayed()
+        page.fill("json-schema", schema)
+
+
+LOGPROB = re.compile(r"logprob -?\d+\.\d{4}, probability \d+(\.\d+)?(e-\d+)?%")
+
+
+@pytest.mark.parametrize(("mode", "top"), [("chat", 2), ("completion", 3), ("chat", 0)])
+def test_logprobs_show_on_each_token(page, browser, mode, top):
+    page.fill("key", KEY)
+    if mode == "completion":
+        page.find('input[name="mode"][value="completion"]').click()
+    page.find("#logprobs").click()
+    page.fill("top_logprobs", str(top))
+    page.fill("max_tokens", "12")
+    page.send("The capital of France is")
+    figures = page.figures()
+    assert figures["finish"] in ("finish: length", "finish: stop"), figures
+    sent = json.loads(posts(browser)[-1]["postData"])
+    if mode == "chat":
+        assert sent["logprobs"] is True and sent["top_logprobs"] == top, sent
+    else:
+        assert sent["logprobs"] == top and "top_logprobs" not in sent, sent
+
+    spans = page.find_all(".turn:last-child .answer .token")
+    assert spans, "no token spans"
+    texts = [page.driver.execute_script("return arguments[0].textContent", span) for span in spans]
+    assert "".join(texts) == page.answer() != ""
+    answer_box = page.find(".turn:last-child .answer")
+    children = page.driver.execute_script("return [...arguments[0].childNodes].map((n) => n.nodeName)", answer_box)
+    assert set(children) == {"SPAN"}, children
+    for span in spans:
+        title = span.get_attribute("title")
+        assert LOGPROB.search(title), title
+        assert ("Top alternatives:" in title) == (top > 0), title
+        assert span.get_attribute("tabindex") == "0"
+    if top:  # each alternative has its own logprob line
+        first = spans[0].get_attribute("title").split("\n")
+        alternatives = first[first.index("Top alternatives:") + 1 :]
+        assert 1 <= len(alternatives) <= top + 1 and all(LOGPROB.search(line) for line in alternatives), first
+
+    # Keyboard: a token takes the focus and the tip shows its title next to it.
+    page.driver.execute_script("arguments[0].focus()", spans[0])
+    tip = page.find("#token-tip")
+    assert tip.is_displayed()
+    assert page.driver.execute_script("return arguments[0].textContent", tip) == spans[0].get_attribute("title")
+    page.driver.execute_script("arguments[0].blur()", spans[0])
+    assert not tip.is_displayed()
+
+    # Off again: the next answer is one plain text node, as without the control.
+    page.find("#logprobs").click()
+    page.send(" Paris")
+    page.wait(lambda: len(page.find_all(".turn")) == 2)
+    page.figures()
+    assert page.find_all(".turn:last-child .answer .token") == []
+    assert "logprobs" not in json.loads(posts(browser)[-1]["postData"])
+
+
+SCHEMA = '{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}'
+
+
+@pytest.mark.parametrize("mode", ["chat", "completion"])
+def test_json_schema_box_constrains_the_answer(page, browser, mode):
+    page.fill("key", KEY)
+    if mode == "completion":
+        page.find('input[name="mode"][value="completion"]').click()
+    choose_format(page, "json_schema", SCHEMA)
+    page.fill("max_tokens", "60")
+    page.send("Give me a number")
+    figures = page.figures()
+    sent = json.loads(posts(browser)[-1]["postData"])
+    assert sent["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "playground", "schema": json.loads(SCHEMA)},
+    }
+    assert page.error("json-schema") == ""
+    if figures["finish"] == "finish: length":
+        pytest.skip("the answer was cut at max_tokens, so it is not complete JSON")
+    assert figures["finish"] == "finish: stop", figures
+    answer = json.loads(page.answer())
+    assert isinstance(answer["a"], int), answer
+
+
+def test_json_object_mode_sends_it(page, browser):
+    page.fill("key", KEY)
+    choose_format(page, "json_object")
+    assert not page.find("#json-schema").is_displayed()  # no schema to type
+    page.fill("max_tokens", "60")
+    page.send("Some JSON please")
+    figures = page.figures()
+    assert json.loads(posts(browser)[-1]["postData"])["response_format"] == {"type": "json_object"}
+    if figures["finish"] == "finish: stop":
+        assert isinstance(json.loads(page.answer()), dict)
+
+
+def test_invalid_json_in_the_schema_box_is_shown_and_nothing_is_sent(page, browser):
+    page.fill("key", KEY)
+    choose_format(page, "json_schema", '{"type": "object",')
+    before = len(posts(browser))
+    page.send("Hello")
+    page.wait(lambda: page.error("json-schema"))
+    assert page.error("json-schema").startswith("Not valid JSON: "), page.error("json-schema")
+    assert page.find("#json-schema").get_attribute("aria-invalid") == "true"
+    assert page.find_all(".turn") == []
+    assert page.find("#message").get_attribute("value") == "Hello"  # still there, to send once the schema is fixed
+    time.sleep(0.3)
+    assert len(posts(browser)) == before
+    page.fill("json-schema", SCHEMA)  # editing the box clears its error
+    assert page.error("json-schema") == ""
+
+
+def test_a_schema_the_server_refuses_shows_its_400_next_to_the_box(page, server):
+    page.fill("key", KEY)
+    choose_format(page, "json_schema", '{"type": 12}')
+    page.send("Hello")
+    page.wait(lambda: page.error("json-schema"))
+    shown = page.error("json-schema")
+    direct = server.post(
+        "/v1/chat/completions",
+        {
+            "messages": [{"role": "user", "content": "Hello"}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "playground", "schema": {"type": 12}}},
+        },
+    )
+    assert direct.status_code == 400
+    error = direct.json()["error"]
+    assert error["param"].startswith("response_format"), error
+    assert shown == f"400: {error['message']}"
+    assert page.find("#json-schema").get_attribute("aria-invalid") == "true"
+    assert page.find(".turn:last-child .turn-error").text == shown
+
+
 def test_readable_on_a_phone_sized_window(page):
     driver = page.driver
     driver.set_window_size(390, 844)
     try:
         page.wait(lambda: driver.execute_script("return window.innerWidth") <= 400)
+        choose_format(page, "json_schema")  # the schema box shown too
         overflow = driver.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
         assert overflow <= 0, f"the page is {overflow}px wider than the window"
-        for selector in ("#message", "#send", "#stop", "#new", "#key", "#temperature"):
+        for selector in (
+            "#message",
+            "#send",
+            "#stop",
+            "#new",
+            "#key",
+            "#temperature",
+            "#top_logprobs",
+            "#response-format",
+            "#json-schema",
+        ):
             element = page.find(selector)
             assert element.size["width"] <= 390, selector
         font = driver.execute_script(

@@ -10,7 +10,7 @@ const NUMBER = /^-?(0|[1-9]\d*)(\.\d+)?([eE][+-]?\d+)?$/;
 
 // Each control: the API parameter it sets and how its text becomes that parameter (undefined: left out, so
 // that the API's default applies). Errors naming the parameter are shown under the control (id + "-error").
-// A new parameter (log-probabilities shown on hover, a JSON schema box for structured output) is one entry.
+// Log-probabilities and the output format depend on the mode (or need parsing first): see body().
 const CONTROLS = [
   { param: "temperature", id: "temperature", read: number },
   { param: "top_p", id: "top_p", read: number },
@@ -19,7 +19,15 @@ const CONTROLS = [
   { param: "stop", id: "stop-sequences", read: stopSequences },
 ];
 // Parameters an error may name that no control sets, and the field their errors are shown under.
-const ERROR_FIELDS = { messages: "message", prompt: "message", max_completion_tokens: "max_tokens" };
+const ERROR_FIELDS = {
+  messages: "message",
+  prompt: "message",
+  max_completion_tokens: "max_tokens",
+  logprobs: "top_logprobs",
+  top_logprobs: "top_logprobs",
+  response_format: "json-schema",
+};
+const EXTRA_FIELDS = ["top_logprobs", "json-schema"]; // fields with errors that CONTROLS does not list
 const MODES = {
   chat: { path: "/v1/chat/completions", label: "Message" },
   completion: { path: "/v1/completions", label: "Prompt" },
@@ -54,14 +62,41 @@ function seedText() {
   return randomSeed();
 }
 
-function body(prompt, seed) {
+function body(prompt, seed, format) {
   const request = state.mode === "chat" ? { messages: conversation(prompt) } : { prompt };
   const chosen = { seed }; // the seed as sent (typed, or picked at random), not as its field shows it
   for (const control of CONTROLS) {
     const value = control.read(chosen[control.param] ?? $(control.id).value);
     if (value !== undefined) request[control.param] = value;
   }
+  if ($("logprobs").checked) {
+    const top = number($("top_logprobs").value);
+    if (state.mode === "chat") {
+      request.logprobs = true;
+      if (top !== undefined) request.top_logprobs = top;
+    } else {
+      request.logprobs = top ?? 0; // completions: the number of alternatives is the parameter
+    }
+  }
+  if (format) request.response_format = format;
   return { ...request, stream: true, stream_options: { include_usage: true } };
+}
+
+// The response_format the output-format controls ask for (null: none), or an error for the schema box, shown
+// there without sending anything.
+function responseFormat() {
+  const kind = $("response-format").value;
+  if (kind === "json_object") return { format: { type: "json_object" } };
+  if (kind !== "json_schema") return { format: null };
+  const text = $("json-schema").value;
+  if (!text.trim()) return { error: "Type a JSON schema, or choose another output format." };
+  let schema;
+  try {
+    schema = JSON.parse(text);
+  } catch (exc) {
+    return { error: `Not valid JSON: ${exc.message}` };
+  }
+  return { format: { type: "json_schema", json_schema: { name: "playground", schema } } };
 }
 
 function conversation(prompt) {
@@ -116,7 +151,7 @@ function clearError(field) {
 }
 
 function clearErrors() {
-  for (const field of ["key", "message", "system", ...CONTROLS.map((c) => c.id)]) clearError(field);
+  for (const field of ["key", "message", "system", ...CONTROLS.map((c) => c.id), ...EXTRA_FIELDS]) clearError(field);
 }
 
 // ---- the log: one turn per request
@@ -128,12 +163,55 @@ function element(tag, className, text) {
   return node;
 }
 
-function addTurn(prompt) {
+// One token of an answer with log-probabilities: its text, in a span that says (title, and the tip on focus)
+// how likely the model found it and what else it might have written.
+function tokenSpan(text, entries) {
+  const span = element("span", "token", text);
+  span.tabIndex = 0;
+  span.title = entries.length ? entries.map(describeToken).join("\n\n") : "no log-probability for this text";
+  return span;
+}
+
+function describeToken({ token, logprob, top }) {
+  const head = `${JSON.stringify(token)}: ${logprobText(logprob)}`;
+  if (!top.length) return head;
+  const lines = top.map((alt) => `${alt.token === token ? "→" : "  "} ${JSON.stringify(alt.token)}: ${logprobText(alt.logprob)}`);
+  return [head, "Top alternatives:", ...lines].join("\n");
+}
+
+function logprobText(logprob) {
+  if (logprob === null || logprob === undefined) return "no log-probability";
+  const probability = Math.exp(logprob) * 100;
+  const shown = probability >= 0.1 || probability === 0 ? probability.toFixed(1) : probability.toPrecision(2);
+  return `logprob ${logprob.toFixed(4)}, probability ${shown}%`;
+}
+
+// A chunk's log-probabilities as [{token, logprob, top: [{token, logprob}]}], from either API's shape.
+function tokenEntries(mode, logprobs) {
+  if (!logprobs) return [];
+  if (mode === "chat") {
+    return (logprobs.content ?? []).map((entry) => ({
+      token: entry.token,
+      logprob: entry.logprob,
+      top: (entry.top_logprobs ?? []).map((alt) => ({ token: alt.token, logprob: alt.logprob })),
+    }));
+  }
+  const tops = logprobs.top_logprobs ?? [];
+  return (logprobs.tokens ?? []).map((token, i) => {
+    const top = Object.entries(tops[i] ?? {}).map(([alt, logprob]) => ({ token: alt, logprob }));
+    top.sort((a, b) => b.logprob - a.logprob);
+    // The legacy dict always holds the chosen token: with no alternative asked for, it is all there is.
+    const alternatives = top.length === 1 && top[0].token === token ? [] : top;
+    return { token, logprob: logprobs.token_logprobs?.[i] ?? null, top: alternatives };
+  });
+}
+
+function addTurn(prompt, withLogprobs) {
   $("empty")?.remove();
   const turn = element("article", `turn ${state.mode}`);
   const answer = document.createTextNode("");
   const answerBox = element("p", "text answer");
-  answerBox.append(answer);
+  if (!withLogprobs) answerBox.append(answer); // with them: one span per token, appended as they come
   if (state.mode === "chat") {
     const user = element("div", "msg user");
     user.append(element("span", "who", "You"), element("p", "text", prompt));
@@ -153,8 +231,16 @@ function addTurn(prompt) {
   $("log").append(turn);
   follow();
   return {
-    append(piece) {
-      answer.appendData(piece);
+    append(piece, entries) {
+      if (!withLogprobs) {
+        answer.appendData(piece);
+      } else if (entries.map((entry) => entry.token).join("") === piece) {
+        answerBox.append(...entries.map((entry) => tokenSpan(entry.token, [entry])));
+      } else {
+        // The text is not the tokens' (a character split across tokens, a stop sequence cut off): one span
+        // for the piece, its title listing every token, so that the answer's text stays exactly the API's.
+        answerBox.append(tokenSpan(piece, entries));
+      }
       follow();
     },
     fail(error) {
@@ -210,10 +296,15 @@ async function send() {
   const prompt = $("message").value;
   if (state.controller || !prompt.trim()) return;
   clearErrors();
+  const { format, error } = responseFormat();
+  if (error) {
+    showError({ status: 0, message: error, param: "response_format" }); // nothing is sent
+    return;
+  }
   const temperature = $("temperature").value.trim();
   const ask = { mode: state.mode, prompt, seed: seedText(), greedy: temperature !== "" && Number(temperature) === 0 };
-  const request = body(prompt, ask.seed);
-  const turn = addTurn(prompt);
+  const request = body(prompt, ask.seed, format);
+  const turn = addTurn(prompt, request.logprobs !== undefined);
   const controller = new AbortController();
   setBusy(controller);
   $("message").value = "";
@@ -271,7 +362,7 @@ async function exchange(ask, request, turn, outcome, signal) {
       if (piece) {
         outcome.firstAt ??= performance.now();
         outcome.text += piece;
-        turn.append(piece);
+        turn.append(piece, tokenEntries(ask.mode, choice.logprobs));
       }
       if (choice.finish_reason) outcome.finish = choice.finish_reason;
     }
@@ -393,6 +484,34 @@ async function refreshServer() {
   }
 }
 
+// ---- the token tip: a token's title, shown next to it while it has the focus (a title shows on hover only)
+
+function tokenTip() {
+  const tip = element("div", "token-tip");
+  tip.id = "token-tip";
+  tip.setAttribute("aria-hidden", "true"); // the span's title is its accessible description already
+  tip.hidden = true;
+  document.body.append(tip);
+  const log = $("log");
+  log.addEventListener("focusin", (event) => {
+    const span = event.target.closest?.(".token");
+    if (!span) return;
+    tip.textContent = span.title;
+    tip.hidden = false;
+    const box = span.getBoundingClientRect();
+    const left = Math.max(4, Math.min(box.left, window.innerWidth - tip.offsetWidth - 4));
+    const below = box.bottom + 4 + tip.offsetHeight <= window.innerHeight;
+    tip.style.left = `${left + window.scrollX}px`; // CSSOM, which the CSP allows (unlike a style attribute)
+    tip.style.top = `${(below ? box.bottom + 4 : box.top - tip.offsetHeight - 4) + window.scrollY}px`;
+  });
+  log.addEventListener("focusout", () => {
+    tip.hidden = true;
+  });
+  log.addEventListener("scroll", () => {
+    tip.hidden = true;
+  });
+}
+
 // ---- wiring
 
 function start() {
@@ -408,9 +527,20 @@ function start() {
     key.value = "";
     refreshServer();
   });
-  for (const field of ["message", "system", ...CONTROLS.map((c) => c.id)]) {
+  for (const field of ["message", "system", ...CONTROLS.map((c) => c.id), ...EXTRA_FIELDS]) {
     $(field).addEventListener("input", () => clearError(field));
   }
+  $("logprobs").addEventListener("change", () => clearError("top_logprobs"));
+  const format = $("response-format");
+  const showSchema = () => {
+    $("json-schema-field").hidden = format.value !== "json_schema";
+  };
+  format.addEventListener("change", () => {
+    showSchema();
+    clearError("json-schema");
+  });
+  showSchema();
+  tokenTip();
   $("composer").addEventListener("submit", (event) => {
     event.preventDefault();
     send();
