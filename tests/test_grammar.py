@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 
 import jsonschema
@@ -75,3 +76,4 @@ def test_grammar_invalid_schema_is_refused_naming_its_field(engine, schema):
     with pytest.raises(InvalidRequest) as info:
         engine.submit(GenerationRequest(prompt="x", max_new_tokens=4, grammar=Grammar("json_schema", schema)))
     assert info.value.param == "json_schema"
+    assert ".cc:" not in str(info.value) and not re.search(r"\[[0-9:]+\]", str(info.value))  # no library internals

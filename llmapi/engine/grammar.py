@@ -12,6 +12,7 @@ refuse; compact JSON has no place for them at all, so JSON rows also mask every 
 
 from __future__ import annotations
 
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -22,6 +23,8 @@ import torch
 import xgrammar
 
 from llmapi.engine.types import Grammar, InvalidRequest
+
+XGRAMMAR_PREFIX = re.compile(r"^\[[0-9:]+\]\s+\S+:\d+:\s*")
 
 CACHE_SIZE = 64  # compiled grammars kept, least recently used dropped first
 
@@ -82,6 +85,8 @@ class Grammars:
         except (RuntimeError, ValueError, TypeError) as exc:
             what = "JSON schema" if grammar.kind == "json_schema" else "grammar"
             detail = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__
+            # xgrammar's C++ messages start "[hh:mm:ss] /path/of/its/source.cc:line: ": not the client's business.
+            detail = XGRAMMAR_PREFIX.sub("", detail)
             raise InvalidRequest(f"The {what} cannot be used: {detail}", param=grammar.kind) from exc
 
     def matcher(self, grammar: Grammar) -> Matcher:
