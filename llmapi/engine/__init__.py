@@ -27,9 +27,15 @@ def create_engine(
     threads: int = 1,
     max_batch_size: int = 8,
     batch_wait_ms: float = 2.0,
+    prefix_cache_mb: float = 0.0,
+    prefill_chunk_tokens: int = 0,
     mode: str = "batch",
 ):  # -> llmapi.engine.batching.Engine, typed loosely so that importing this package stays torch-free
-    """Load `model_name` and start an engine on it (mode "batch", or "simple": the baseline); imports torch."""
+    """Load `model_name` and start an engine on it (mode "batch", or "simple": the baseline); imports torch.
+
+    `prefix_cache_mb` bounds the batching engine's prefix cache (0: off); `prefill_chunk_tokens` is the most prompt
+    tokens one row reads per engine step (0: a whole prompt at once).
+    """
     # The Rust tokenizer's own thread pool must not start in a process that serves threads of its own.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from llmapi.engine.batching import Engine
@@ -43,4 +49,10 @@ def create_engine(
         from llmapi.engine.simple import SimpleEngine
 
         return SimpleEngine(loaded)
-    return Engine(loaded, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms)
+    return Engine(
+        loaded,
+        max_batch_size=max_batch_size,
+        batch_wait_ms=batch_wait_ms,
+        prefix_cache_mb=prefix_cache_mb,
+        prefill_chunk_tokens=prefill_chunk_tokens,
+    )

@@ -80,11 +80,26 @@ class GenerationResult:
     seed: int | None = None
     stop_sequence: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    token_times: tuple[float, ...] = ()  # when each new token was chosen, in seconds after submission
 
     @property
     def total_tokens(self) -> int:
         """Prompt and completion tokens together."""
         return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of an engine's queue and prefix cache (token counts are totals since it started)."""
+
+    waiting: int = 0  # rows queued for a place in the batch
+    prefilling: int = 0  # rows whose prompts are being read
+    decoding: int = 0  # rows in the batch, generating
+    prefix_cache_bytes: int = 0
+    prefix_cache_capacity_bytes: int = 0
+    prefix_hit_tokens: int = 0  # prompt tokens read from the prefix cache
+    prefix_miss_tokens: int = 0  # prompt tokens of rows that looked in the cache, computed all the same
 
 
 class Handle(Protocol):
