@@ -10,6 +10,8 @@ from typing import Any
 from llmapi.cpus import available_cpus
 
 DEFAULT_MODEL = "sshleifer/tiny-gpt2"
+# Per worker: two workers on a 24 GiB, 2-core machine keep 2 GiB of prompt KV between them (docs/performance.md).
+DEFAULT_PREFIX_CACHE_MB = 1024
 ENGINE_MODES = ("batch", "simple")
 
 
@@ -91,6 +93,19 @@ class Settings:
     torch_threads: int = env("TORCH_THREADS", 0, doc="torch threads per worker; 0 = cores / workers")
     max_batch_size: int = env("MAX_BATCH_SIZE", 8, doc="most sequences decoded together in one worker")
     batch_wait_ms: float = env("BATCH_WAIT_MS", 2.0, doc="how long a new batch waits for company")
+    prefix_cache_mb: int = env(
+        "PREFIX_CACHE_MB",
+        DEFAULT_PREFIX_CACHE_MB,
+        doc="MiB of prompt-prefix KV cache per worker, reused by prompts that start alike; 0 = off",
+    )
+    prefix_cache_block_tokens: int = env(
+        "PREFIX_CACHE_BLOCK_TOKENS", 16, doc="tokens per prefix-cache block (a prefix is reused in whole blocks)"
+    )
+    prefill_chunk_tokens: int = env(
+        "PREFILL_CHUNK_TOKENS",
+        64,
+        doc="a longer prompt is read this many tokens per step, between the running rows' steps; 0 = at once",
+    )
     workers: int = env("WEB_CONCURRENCY", 2, doc="gunicorn worker processes, each with its own model")
     threads: int = env("GUNICORN_THREADS", 32, doc="gunicorn threads per worker (concurrent requests)")
     bind: str = env("BIND", "0.0.0.0:8000", doc="address gunicorn listens on")
@@ -187,11 +202,27 @@ class Settings:
             )
         if self.torch_threads < 0 or self.batch_wait_ms < 0 or self.model_retry_seconds < 0:
             raise ConfigError("TORCH_THREADS, BATCH_WAIT_MS and MODEL_RETRY_SECONDS must not be negative")
+        self._check_prefill()
         if self.engine_mode not in ENGINE_MODES:
             raise ConfigError(f"ENGINE_MODE must be batch or simple, got {self.engine_mode!r}")
         if self.log_level.lower() not in {"debug", "info", "warning", "error", "critical"}:
             raise ConfigError(f"LOG_LEVEL must be debug, info, warning or error, got {self.log_level!r}")
         self._check_operations()
+
+    def _check_prefill(self) -> None:
+        """Refuse prefix-cache and chunking settings the engine cannot use."""
+        if self.prefix_cache_mb < 0:
+            raise ConfigError(
+                f"PREFIX_CACHE_MB must not be negative (0 turns the cache off), got {self.prefix_cache_mb}"
+            )
+        if not 1 <= self.prefix_cache_block_tokens <= 1024:
+            raise ConfigError(
+                f"PREFIX_CACHE_BLOCK_TOKENS must be between 1 and 1024, got {self.prefix_cache_block_tokens}"
+            )
+        if self.prefill_chunk_tokens < 0:
+            raise ConfigError(
+                f"PREFILL_CHUNK_TOKENS must not be negative (0 reads a prompt at once), got {self.prefill_chunk_tokens}"
+            )
 
     def _check_operations(self) -> None:
         """Refuse operations settings that would break the promises made in docs/operations.md."""

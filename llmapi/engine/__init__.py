@@ -28,6 +28,7 @@ def create_engine(
     max_batch_size: int = 8,
     batch_wait_ms: float = 2.0,
     prefix_cache_mb: float = 0.0,
+    prefix_cache_block_tokens: int = 16,
     prefill_chunk_tokens: int = 0,
     mode: str = "batch",
 ):  # -> llmapi.engine.batching.Engine, typed loosely so that importing this package stays torch-free
@@ -54,5 +55,6 @@ def create_engine(
         max_batch_size=max_batch_size,
         batch_wait_ms=batch_wait_ms,
         prefix_cache_mb=prefix_cache_mb,
+        block_tokens=prefix_cache_block_tokens,
         prefill_chunk_tokens=prefill_chunk_tokens,
     )
