@@ -10,8 +10,9 @@ from typing import Any
 from llmapi.cpus import available_cpus
 
 DEFAULT_MODEL = "sshleifer/tiny-gpt2"
-# Per worker: two workers on a 24 GiB, 2-core machine keep 2 GiB of prompt KV between them (docs/performance.md).
-DEFAULT_PREFIX_CACHE_MB = 1024
+# Per worker: about 7,000 tokens of the 124M model's KV (a dozen 600-token system prompts); two workers' 1 GiB is
+# small beside a 24 GiB, 2-core machine and fits the 4 GiB pod of deploy/k8s (docs/performance.md).
+DEFAULT_PREFIX_CACHE_MB = 512
 ENGINE_MODES = ("batch", "simple")
 
 
