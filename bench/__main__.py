@@ -228,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-chat", action="store_true", help="skip the chat workloads")
     parser.add_argument("--only-chat", action="store_true", help="only the chat workloads (and --soak)")
     parser.add_argument("--soak", type=float, default=0.0, help="seconds of distinct-prefix soak (default: none)")
+    parser.add_argument("--only-soak", action="store_true", help="only the soak (with --soak SECONDS)")
     parser.add_argument("--soak-cache-mb", help="PREFIX_CACHE_MB of the soak's server (default: the default)")
     parser.add_argument("--out", type=Path, help="JSON file to write (default bench/results/bench-<time>.json)")
     args = parser.parse_args(argv)
@@ -238,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.sweep:
         results["sweep"] = sweep(models, bodies(args.new_tokens), quick=args.quick)
         return finish(results, args.out, report.render_sweep(results))
-    if args.only_chat:
+    if args.only_chat or args.only_soak:
         return finish(results, args.out, report.render_chat(chats(models, args, into=results)))
     if not args.no_limits:
         results["limits"] = limits(models, quick=args.quick, new_tokens=args.new_tokens)
@@ -263,10 +264,11 @@ def chats(models: dict[str, str], args: argparse.Namespace, *, into: dict[str, A
     results.setdefault("machine", machine())
     payloads = bodies(args.new_tokens)
     unique = [("greedy", payloads["greedy"], 8), ("sampled", payloads["sampled"], 8)]
-    results["chat"] = {
-        size: chat.suite(path, size, quick=args.quick, unique=unique, load_run=load_run)
-        for size, path in models.items()
-    }
+    if not args.only_soak:
+        results["chat"] = {
+            size: chat.suite(path, size, quick=args.quick, unique=unique, load_run=load_run)
+            for size, path in models.items()
+        }
     if args.soak:
         size, path = list(models.items())[-1]
         results["soak"] = {size: chat.soak(path, args.soak, cache_mb=args.soak_cache_mb)}

@@ -29,9 +29,9 @@ SENTENCE = "You are a helpful assistant for a bicycle shop; answer politely, bri
 # (warm-up, window) seconds: a window of several requests of the slower server (cache off: 8 prefills of 600 tokens).
 WINDOWS = {
     ("tiny", False): (3.0, 15.0),
-    ("small", False): (20.0, 60.0),
+    ("small", False): (30.0, 90.0),
     ("tiny", True): (2.0, 8.0),
-    ("small", True): (15.0, 40.0),
+    ("small", True): (20.0, 60.0),
 }
 
 

@@ -27,8 +27,9 @@ def test_metrics_show_the_queue_the_cache_and_token_latency(server):
         return server.post("/v1/chat/completions", {"model": "m", "messages": messages, "max_tokens": 6})
 
     answers = [server.post("/generate", {"prompt": SYSTEM + f" Q{i}", "max_new_tokens": 4}) for i in range(2)]
+    answers += [server.post("/v1/completions", {"model": "m", "prompt": SYSTEM + " Q2", "max_tokens": 4})]
     answers += run_concurrently(chat, 6)
-    assert [r.status_code for r in answers] == [200] * 8
+    assert [r.status_code for r in answers] == [200] * 9
     new_tokens = [r.json()["usage"]["completion_tokens"] for r in answers]
     text = requests.get(server.url + "/metrics", timeout=10).text
     assert sample(text, "llmapi_prefix_cache_hit_tokens_total") > 0
@@ -38,5 +39,5 @@ def test_metrics_show_the_queue_the_cache_and_token_latency(server):
     assert sample(text, "llmapi_engine_rows_waiting") == 0
     assert sample(text, "llmapi_engine_rows_prefilling") == 0
     assert sample(text, "llmapi_engine_rows_running") >= 0
-    assert sample(text, "llmapi_time_to_first_token_seconds_count") == 8
+    assert sample(text, "llmapi_time_to_first_token_seconds_count") == 9
     assert sample(text, "llmapi_inter_token_latency_seconds_count") == sum(n - 1 for n in new_tokens if n)
