@@ -408,10 +408,12 @@ class Engine(ModelFront):
         """Run one step of prefill: every one-pass job, and one chunk of the oldest chunked job.
 
         So a long prompt costs the running rows at most one chunk per decode step, however many long prompts wait.
+        With no row decoding there is nothing to protect: every chunked job reads its next chunk.
         """
         chunked_done = False
+        protect = any(lane.rows for lane in self._lanes)
         for job in list(self._prefilling):
-            if job.chunked:
+            if job.chunked and protect:
                 if chunked_done:
                     continue
                 chunked_done = True
