@@ -336,7 +336,8 @@ class Engine(ModelFront):
                     row.handle._send("error", EngineError(f"generation failed: {type(exc).__name__}"))
             if not isinstance(lane, list):
                 lane.rows = []
-                self._prefilling = [job for job in self._prefilling if job.rows]
+            # Prefill jobs of the failed rows (queued by a failing _start_prefill, say) must not go on.
+            self._prefilling = [job for job in self._prefilling if job.rows and not any(r.closed for r in job.rows)]
 
     def _admit(self) -> list[list[Row]]:
         """Take waiting rows that fit: the shared group, and each seeded row as a group of its own.
