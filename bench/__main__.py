@@ -6,7 +6,10 @@
 3. The server: real gunicorn with gunicorn.conf.py, in batch mode and in the baseline mode (ENGINE_MODE=simple),
    under closed-loop load at 1, 8 and 32 clients, greedy and sampled (temperature 0.8), plus seeded sampled
    requests at 8 clients; cold start to /health, first generate, model load, memory after load and after the run.
-4. A chart (bench/results/*.png): new tokens/s and p50/p99 latency against clients, per model.
+4. The chat workloads (bench/chat.py): a shared 600-token system prompt over /v1/chat/completions, streams among
+   900-token prompts, and the unique-prompt greedy and sampled loads at 8 clients, each with the prefix cache and
+   chunked prefill on and off in the same run; `--soak SECONDS` adds a soak of distinct prefixes.
+5. A chart (bench/results/*.png): new tokens/s and p50/p99 latency against clients, per model.
 
 `--peers` instead runs llmapi (fp32 as before, today's defaults, int8) beside its peers on the small model, all in
 one run: CTranslate2 (int8, fp32) in process at batch 1 and 8, and llama.cpp's llama-server (bf16, q8_0 GGUF)
@@ -25,11 +28,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import chart, report
+from bench import chart, chat, report
 from bench.server import KEY, ROOT, post, start, warm
 
 PROMPT = "Artificial Intelligence is"
-QUIET_WAIT_S = [90.0]  # before each load run, wait at most this long for other processes to go quiet (--quiet-wait)
+# Before each load run, wait at most this long for other processes to go quiet (--quiet-wait, or BENCH_QUIET_S).
+QUIET_WAIT_S = [float(os.environ.get("BENCH_QUIET_S", "90"))]
 MODELS = {"tiny": ROOT / "models" / "tiny-gpt2", "small": ROOT / "models" / "small-gpt2"}
 # (warm-up, window) seconds of each load run: a window several latencies long, after a warm-up of about one.
 WINDOWS = {
@@ -284,7 +288,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-baseline", action="store_true", help="skip the ENGINE_MODE=simple server")
     parser.add_argument("--sweep", action="store_true", help="compare worker, thread and batch settings instead")
     parser.add_argument("--peers", action="store_true", help="llmapi beside CTranslate2 and llama.cpp (small model)")
-    parser.add_argument("--quiet-wait", type=float, default=90.0, help="seconds to wait for a quiet machine per run")
+    parser.add_argument(
+        "--quiet-wait", type=float, default=QUIET_WAIT_S[0], help="seconds to wait for a quiet machine per run"
+    )
+    parser.add_argument("--no-chat", action="store_true", help="skip the chat workloads")
+    parser.add_argument("--only-chat", action="store_true", help="only the chat workloads (and --soak)")
+    parser.add_argument("--soak", type=float, default=0.0, help="seconds of distinct-prefix soak (default: none)")
+    parser.add_argument("--only-soak", action="store_true", help="only the soak (with --soak SECONDS)")
+    parser.add_argument("--soak-cache-mb", help="PREFIX_CACHE_MB of the soak's server (default: the default)")
     parser.add_argument("--out", type=Path, help="JSON file to write (default bench/results/bench-<time>.json)")
     args = parser.parse_args(argv)
     sizes = [s.strip() for s in args.models.split(",") if s.strip()]
@@ -299,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.sweep:
         results["sweep"] = sweep(models, bodies(args.new_tokens), quick=args.quick)
         return finish(results, args.out, report.render_sweep(results))
+    if args.only_chat or args.only_soak:
+        return finish(results, args.out, report.render_chat(chats(models, args, into=results)))
     if not args.no_limits:
         results["limits"] = limits(models, quick=args.quick, new_tokens=args.new_tokens)
         results["http_cost_us"] = run_python("bench.http_cost", "--model", next(iter(models.values())))
@@ -311,7 +324,26 @@ def main(argv: list[str] | None = None) -> int:
     for size, path in models.items():
         for mode in ("batch",) if args.no_baseline else ("batch", "simple"):
             results["servers"][f"{size}/{mode}"] = serve(path, size, mode, {}, plan, quick=args.quick)
+    if not args.no_chat:
+        chats(models, args, into=results)
     return finish(results, args.out, report.render(results))
+
+
+def chats(models: dict[str, str], args: argparse.Namespace, *, into: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The chat workloads of every model, features on and off, and the soak when asked; into `into`."""
+    results = into if into is not None else {}
+    results.setdefault("machine", machine())
+    payloads = bodies(args.new_tokens)
+    unique = [("greedy", payloads["greedy"], 8), ("sampled", payloads["sampled"], 8)]
+    if not args.only_soak:
+        results["chat"] = {
+            size: chat.suite(path, size, quick=args.quick, unique=unique, load_run=load_run)
+            for size, path in models.items()
+        }
+    if args.soak:
+        size, path = list(models.items())[-1]
+        results["soak"] = {size: chat.soak(path, args.soak, cache_mb=args.soak_cache_mb)}
+    return results
 
 
 def finish(results: dict[str, Any], out: Path | None, text: str) -> int:

@@ -190,6 +190,8 @@ def render(results: dict[str, Any]) -> str:
         "Targets:",
         targets(results),
     ]
+    if results.get("chat"):
+        parts.append(render_chat(results))
     return "\n\n".join(parts)
 
 
@@ -274,3 +276,84 @@ def peer_targets(p: dict[str, Any]) -> str:
 def _rate(loads: dict[str, Any], clients: int) -> float | None:
     """tokens/s of the greedy run at `clients`, if there is one."""
     return loads.get(f"greedy/{clients}", {}).get("tokens_per_s")
+
+
+def chat_table(results: dict[str, Any]) -> str:
+    """Every chat workload's client groups, features on and off: throughput, TTFT, inter-token latency, memory."""
+    rows = []
+    for size, labels in results.get("chat", {}).items():
+        for label, runs in labels.items():
+            for workload, groups in runs.items():
+                if workload.startswith("unique"):
+                    continue
+                for group, r in groups.items():
+                    if not isinstance(r, dict) or "ttft_p50_s" not in r:
+                        continue
+                    rows.append(
+                        [size, label, f"{workload}: {group}", r["clients"], r["requests"], r["tokens_per_s"],
+                         ms(r["ttft_p50_s"]), ms(r["ttft_p99_s"]), ms(r["itl_p50_s"]), ms(r["itl_p99_s"]),
+                         ms(r["itl_max_s"]), ms(r["p50_s"]), r["errors"], groups["pss_mib"],
+                         groups["metrics"].get("llmapi_prefix_cache_bytes", 0) / 2**20]
+                    )  # fmt: skip
+    header = ["model", "cache+chunks", "workload: clients", "n", "requests", "new tok/s", "TTFT p50 ms",
+              "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms", "ITL max ms", "latency p50 ms", "errors", "PSS MiB",
+              "cache MiB"]  # fmt: skip
+    return table(header, rows)
+
+
+def chat_targets(results: dict[str, Any]) -> str:
+    """The chat issue's targets, each with its ratio measured in one run."""
+    rows = []
+    for size, labels in results.get("chat", {}).items():
+        on, off = labels.get("on", {}), labels.get("off", {})
+        if "chat" in on and "chat" in off:
+            a, b = on["chat"]["chat"], off["chat"]["chat"]
+            rows.append([f"{size} chat: TTFT p50 off / on", ">= 4", ratio(b["ttft_p50_s"], a["ttft_p50_s"])])
+            rows.append([f"{size} chat: new tok/s on / off", ">= 1.5", ratio(a["tokens_per_s"], b["tokens_per_s"])])
+        for label, runs in labels.items():
+            streams = runs.get("mixed", {}).get("streams")
+            if streams:
+                value = ratio(streams["itl_p99_s"], streams["itl_p50_s"])
+                rows.append([f"{size} mixed, {label}: streams' ITL p99 / p50", "<= 3" if label == "on" else "-", value])
+        for name in [key for key in on if key.startswith("unique")]:
+            if name in off:
+                value = ratio(on[name]["tokens_per_s"], off[name]["tokens_per_s"])
+                rows.append([f"{size} {name}: new tok/s on / off", ">= 0.9 (noise)", value])
+    for size, soak in results.get("soak", {}).items():
+        samples = soak["samples"]
+        if samples:
+            worst = max(s["cache_mib"] - s["capacity_mib"] for s in samples)
+            rows.append([f"{size} soak {soak['seconds']:.0f}s: cache MiB over capacity (max)", "<= 0", worst])
+            rows.append([f"{size} soak: PSS MiB first / last sample", "flat", f"{samples[0]['pss_mib']:.0f} / "
+                         f"{samples[-1]['pss_mib']:.0f}"])  # fmt: skip
+    return table(["target", "goal", "measured"], rows)
+
+
+def soak_table(results: dict[str, Any]) -> str:
+    """The soak's samples: PSS and the prefix caches' bytes over time."""
+    rows = [
+        [size, s["t_s"], s["pss_mib"], s["cache_mib"], s["capacity_mib"], s["prompt_tokens"]]
+        for size, soak in results.get("soak", {}).items()
+        for s in soak["samples"]
+    ]
+    return table(["model", "t s", "PSS MiB", "cache MiB", "capacity MiB", "prompt tokens so far"], rows)
+
+
+def render_chat(results: dict[str, Any]) -> str:
+    """The chat workloads' part of the report (alone with --only-chat)."""
+    parts = [
+        "Chat workloads, prefix cache and chunked prefill on (defaults) and off (PREFIX_CACHE_MB=0"
+        " PREFILL_CHUNK_TOKENS=0), one run:",
+        chat_table(results),
+    ]
+    unique = {
+        f"{size}/{label}": {"loads": {k.removeprefix("unique "): v for k, v in runs.items() if k.startswith("unique")}}
+        for size, labels in results.get("chat", {}).items()
+        for label, runs in labels.items()
+    }
+    if any(f["loads"] for f in unique.values()):
+        parts += ["Unique prompts (/generate) on both servers:", server_table({"servers": unique})]
+    if results.get("soak"):
+        parts += ["Soak of distinct 600-token prefixes:", soak_table(results)]
+    parts += ["Chat targets:", chat_targets(results)]
+    return "\n\n".join(parts)

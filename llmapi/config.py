@@ -11,6 +11,9 @@ from typing import Any
 from llmapi.cpus import available_cpus, nvidia_gpu_visible
 
 DEFAULT_MODEL = "sshleifer/tiny-gpt2"
+# Per worker: about 7,000 tokens of the 124M model's KV (a dozen 600-token system prompts); two workers' 1 GiB is
+# small beside a 24 GiB, 2-core machine and fits the 4 GiB pod of deploy/k8s (docs/performance.md).
+DEFAULT_PREFIX_CACHE_MB = 512
 ENGINE_MODES = ("batch", "simple")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "int8")
@@ -102,6 +105,19 @@ class Settings:
     batch_wait_ms: float = env("BATCH_WAIT_MS", 2.0, doc="how long a new batch waits for company")
     web_concurrency: int = env(
         "WEB_CONCURRENCY", 0, doc="gunicorn worker processes, each with its own model; 0 = 1 on a GPU, else 2"
+    )
+    prefix_cache_mb: int = env(
+        "PREFIX_CACHE_MB",
+        DEFAULT_PREFIX_CACHE_MB,
+        doc="MiB of prompt-prefix KV cache per worker, reused by prompts that start alike; 0 = off",
+    )
+    prefix_cache_block_tokens: int = env(
+        "PREFIX_CACHE_BLOCK_TOKENS", 16, doc="tokens per prefix-cache block (a prefix is reused in whole blocks)"
+    )
+    prefill_chunk_tokens: int = env(
+        "PREFILL_CHUNK_TOKENS",
+        64,
+        doc="a longer prompt is read this many tokens per step, between the running rows' steps; 0 = at once",
     )
     threads: int = env("GUNICORN_THREADS", 32, doc="gunicorn threads per worker (concurrent requests)")
     bind: str = env("BIND", "0.0.0.0:8000", doc="address gunicorn listens on")
@@ -215,6 +231,7 @@ class Settings:
         if self.torch_threads < 0 or self.batch_wait_ms < 0 or self.model_retry_seconds < 0:
             raise ConfigError("TORCH_THREADS, BATCH_WAIT_MS and MODEL_RETRY_SECONDS must not be negative")
         self._check_model()
+        self._check_prefill()
         if self.engine_mode not in ENGINE_MODES:
             raise ConfigError(f"ENGINE_MODE must be batch or simple, got {self.engine_mode!r}")
         if self.log_level.lower() not in {"debug", "info", "warning", "error", "critical"}:
@@ -239,6 +256,21 @@ class Settings:
             )
         if self.quantization == "int8" and self.device.startswith("cuda"):
             raise ConfigError("QUANTIZATION=int8 is torch's CPU dynamic quantization: it does not run with DEVICE=cuda")
+
+    def _check_prefill(self) -> None:
+        """Refuse prefix-cache and chunking settings the engine cannot use."""
+        if self.prefix_cache_mb < 0:
+            raise ConfigError(
+                f"PREFIX_CACHE_MB must not be negative (0 turns the cache off), got {self.prefix_cache_mb}"
+            )
+        if not 1 <= self.prefix_cache_block_tokens <= 1024:
+            raise ConfigError(
+                f"PREFIX_CACHE_BLOCK_TOKENS must be between 1 and 1024, got {self.prefix_cache_block_tokens}"
+            )
+        if self.prefill_chunk_tokens < 0:
+            raise ConfigError(
+                f"PREFILL_CHUNK_TOKENS must not be negative (0 reads a prompt at once), got {self.prefill_chunk_tokens}"
+            )
 
     def _check_operations(self) -> None:
         """Refuse operations settings that would break the promises made in docs/operations.md."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from typing import Any
 
@@ -13,13 +14,14 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from llmapi.config import Settings
-from llmapi.engine.types import GenerationResult
+from llmapi.engine.types import EngineStats, GenerationResult
 from llmapi.http.hooks import require_key
 
 EXTENSION = "llmapi.metrics"
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1, 2.5, 5)
 
 blp = Blueprint("metrics", __name__, description="Prometheus metrics, to be scraped from inside the network.")
 
@@ -96,6 +98,24 @@ class Metrics:
             ["dtype", "device"],
             **live,
         )
+        self._define_engine(reg, live)
+
+    def _define_engine(self, reg: dict[str, Any], live: dict[str, Any]) -> None:
+        """The engine's queue, its prefix cache and the per-token latency (named as vLLM names its own)."""
+        self.inter_token = Histogram(
+            "inter_token_latency_seconds",
+            "between consecutive new tokens of a generation",
+            buckets=TOKEN_BUCKETS,
+            **reg,
+        )
+        self.rows_waiting = Gauge("engine_rows_waiting", "sequences queued for a place in the batch", **live)
+        self.rows_prefilling = Gauge("engine_rows_prefilling", "sequences whose prompt is being read", **live)
+        self.rows_running = Gauge("engine_rows_running", "sequences in the batch, generating", **live)
+        self.cache_hits = Counter("prefix_cache_hit_tokens", "prompt tokens read from the prefix cache", **reg)
+        self.cache_misses = Counter("prefix_cache_miss_tokens", "prompt tokens the prefix cache did not hold", **reg)
+        self.cache_bytes = Gauge("prefix_cache_bytes", "memory the prefix caches hold", **live)
+        self.cache_capacity = Gauge("prefix_cache_capacity_bytes", "memory the prefix caches may hold", **live)
+        self._engine_seen = EngineStats()
 
     def init_app(self, app: Flask) -> None:
         """Count every request, a stream when its response is closed, so that it is timed to its end."""
@@ -134,6 +154,22 @@ class Metrics:
         ):
             if name in timings:
                 histogram.observe(timings[name])
+        times = result.token_times
+        for earlier, later in itertools.pairwise(times):
+            self.inter_token.observe(later - earlier)
+
+    def observe_engine(self, stats: EngineStats) -> None:
+        """Record a snapshot of this worker's engine (called from its thread when something changed)."""
+        self.rows_waiting.set(stats.waiting)
+        self.rows_prefilling.set(stats.prefilling)
+        self.rows_running.set(stats.decoding)
+        self.cache_bytes.set(stats.prefix_cache_bytes)
+        self.cache_capacity.set(stats.prefix_cache_capacity_bytes)
+        seen, self._engine_seen = self._engine_seen, stats
+        if stats.prefix_hit_tokens > seen.prefix_hit_tokens:
+            self.cache_hits.inc(stats.prefix_hit_tokens - seen.prefix_hit_tokens)
+        if stats.prefix_miss_tokens > seen.prefix_miss_tokens:
+            self.cache_misses.inc(stats.prefix_miss_tokens - seen.prefix_miss_tokens)
 
     def observe_load(self, seconds: float | None, *, placement: dict[str, str] | None = None) -> None:
         """Record a model load: its duration (None when it failed) and the dtype and device it chose."""

@@ -166,8 +166,16 @@ def engine(tiny_model: str):
 
 
 @pytest.fixture(scope="session")
-def sharp(tiny_model: str, tmp_path_factory: pytest.TempPathFactory):
-    """An engine on a small random GPT-2 whose greedy text depends on positions and masks.
+def sharp(sharp_model: str):
+    """An engine on the sharp model (sharp_model)."""
+    from llmapi.engine import create_engine
+
+    return create_engine(sharp_model, threads=1, max_batch_size=8, batch_wait_ms=5, dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def sharp_model(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A small random GPT-2 whose greedy text depends on positions and masks, saved once; returns its directory.
 
     The tiny model's two-wide hidden state barely notices a wrong position or mask; this one (64 wide, weights
     drawn 15x wider than GPT-2's initialisation) changes its argmax when either is off, while its top logits stay
@@ -175,8 +183,6 @@ def sharp(tiny_model: str, tmp_path_factory: pytest.TempPathFactory):
     """
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
-
-    from llmapi.engine import create_engine
 
     path = Path(tmp_path_factory.mktemp("sharp-gpt2"))
     for item in Path(tiny_model).iterdir():
@@ -194,7 +200,7 @@ def sharp(tiny_model: str, tmp_path_factory: pytest.TempPathFactory):
         eos_token_id=tiny_config.eos_token_id,
     )
     GPT2LMHeadModel(config).save_pretrained(path)
-    return create_engine(str(path), threads=1, max_batch_size=8, batch_wait_ms=5, dtype="float32")
+    return str(path)
 
 
 def free_port() -> int:

@@ -46,6 +46,10 @@ def test_create_app_without_a_key_refuses(monkeypatch):
         ({"BATCH_WAIT_MS": "soon"}, "BATCH_WAIT_MS"),
         ({"LOG_LEVEL": "loud"}, "LOG_LEVEL"),
         ({"MODEL_NAME": ""}, "MODEL_NAME"),
+        ({"PREFIX_CACHE_MB": "-1"}, "PREFIX_CACHE_MB"),
+        ({"PREFIX_CACHE_MB": "1.5"}, "PREFIX_CACHE_MB"),
+        ({"PREFIX_CACHE_BLOCK_TOKENS": "0"}, "PREFIX_CACHE_BLOCK_TOKENS"),
+        ({"PREFILL_CHUNK_TOKENS": "-8"}, "PREFILL_CHUNK_TOKENS"),
     ],
 )
 def test_settings_bad_values_name_the_variable(env, names):

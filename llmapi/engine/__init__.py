@@ -28,6 +28,9 @@ def create_engine(
     threads: int = 1,
     max_batch_size: int = 8,
     batch_wait_ms: float = 2.0,
+    prefix_cache_mb: float = 0.0,
+    prefix_cache_block_tokens: int = 16,
+    prefill_chunk_tokens: int = 0,
     mode: str = "batch",
     device: str = "auto",
     dtype: str = "auto",
@@ -35,7 +38,8 @@ def create_engine(
 ):  # -> llmapi.engine.batching.Engine, typed loosely so that importing this package stays torch-free
     """Load `model_name` on `device` in `dtype` and start an engine on it (mode "batch", or "simple": the baseline).
 
-    Imports torch.
+    `prefix_cache_mb` bounds the batching engine's prefix cache (0: off); `prefill_chunk_tokens` is the most prompt
+    tokens one row reads per engine step (0: a whole prompt at once). Imports torch.
     """
     # The Rust tokenizer's own thread pool must not start in a process that serves threads of its own.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -52,4 +56,11 @@ def create_engine(
         from llmapi.engine.simple import SimpleEngine
 
         return SimpleEngine(loaded)
-    return Engine(loaded, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms)
+    return Engine(
+        loaded,
+        max_batch_size=max_batch_size,
+        batch_wait_ms=batch_wait_ms,
+        prefix_cache_mb=prefix_cache_mb,
+        block_tokens=prefix_cache_block_tokens,
+        prefill_chunk_tokens=prefill_chunk_tokens,
+    )

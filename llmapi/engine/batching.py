@@ -25,10 +25,12 @@ from llmapi.engine import logprobs
 from llmapi.engine.base import ModelFront
 from llmapi.engine.bytelevel import fast_decoder
 from llmapi.engine.loader import LoadedModel
+from llmapi.engine.prefill import Prefill, row_kv
+from llmapi.engine.prefix_cache import BLOCK_TOKENS, PrefixCache
 from llmapi.engine.sampling import RowControls, choose
 from llmapi.engine.stats import TokenRate, model_facts
 from llmapi.engine.text import IncrementalDecoder, StopMatcher
-from llmapi.engine.types import EngineError, GenerationRequest, GenerationResult, Piece, TokenLogprob
+from llmapi.engine.types import EngineError, EngineStats, GenerationRequest, GenerationResult, Piece, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +93,8 @@ class Row:
         self.seed = request.seed
         self.steps = 0
         self.batched = 0  # sum over this row's forward passes of the rows in them
+        self.cached_tokens = 0  # prompt tokens whose KV came from the prefix cache
+        self.token_times: list[float] = []  # when each new token was chosen, seconds after submission
         if not request.greedy and self.seed is None:
             self.seed = random.getrandbits(63)
         generator = torch.Generator().manual_seed(self.seed) if not request.greedy else None
@@ -120,6 +124,20 @@ class Row:
         """Whether this row's prefill must keep every prompt position's logits: such a row must run its whole
         prompt (bypass any prefix cache, as vLLM does), since cached positions would have no logits to score."""
         return self.request.needs_prompt_logprobs
+
+    @property
+    def full_prefill(self) -> bool:
+        """Whether this row needs the logits of every prompt position (prompt logprobs: echo with logprobs).
+
+        Such a row reads its whole prompt in one pass: no prefix cache, no chunks. The hook for prompt logprobs.
+        """
+        return self.needs_prompt_logprobs
+
+    @property
+    def uses_prefix_cache(self) -> bool:
+        """Whether this row may start after a cached prefix: not a seeded row (its arithmetic must not depend on
+        what ran before it: the seed promise), nor one that needs every prompt position's logits."""
+        return not self.solo and not self.full_prefill
 
     @property
     def generated(self) -> int:
@@ -204,6 +222,8 @@ class Row:
             logprobs=tuple(self.logprobs) if self.request.logprobs is not None else None,
             prompt_logprobs=self.prompt_logprobs,
             prompt_text=self.prompt_text,
+            cached_tokens=self.cached_tokens,
+            token_times=tuple(self.token_times),
         )
         self.handle._send("done", result)
 
@@ -218,7 +238,7 @@ class Lane:
         self.positions = positions  # [rows, 1]: the position of each row's last token in the cache
         self.next_ids = torch.empty((0, 1), dtype=torch.long, device=mask.device)
         self.solo = rows[0].solo
-        # Whether any row has left padding, known on the host: a step never asks the device (one sync fewer).
+        # Whether any row has padding, known on the host: a step never asks the device (one sync fewer).
         self.padded = padded
 
     def keep(self, index: list[int]) -> None:
@@ -236,7 +256,7 @@ class Lane:
             self.mask = self.mask[:, lead:]
             for layer in self.cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
-        self.padded = not bool(self.mask[:, 0].all())
+        self.padded = not bool(self.mask.all())  # padding may sit between a cached prefix and the rest
 
     def merge(self, other: Lane) -> None:
         """Append `other`'s rows: the shorter cache and mask are padded on the left to the longer one."""
@@ -270,10 +290,25 @@ def mergeable(cache: Any) -> bool:
 class Engine(ModelFront):
     """Owns one model copy; requests are queued and decoded in lanes by one background thread."""
 
-    def __init__(self, loaded: LoadedModel, *, max_batch_size: int = 8, batch_wait_ms: float = 2.0) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        *,
+        max_batch_size: int = 8,
+        batch_wait_ms: float = 2.0,
+        prefix_cache_mb: float = 0.0,
+        prefill_chunk_tokens: int = 0,
+        block_tokens: int = BLOCK_TOKENS,
+    ) -> None:
         super().__init__(loaded)
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_ms / 1000.0
+        self.prefix_cache = PrefixCache(prefix_cache_mb, block_tokens=block_tokens)
+        self.chunk_tokens = prefill_chunk_tokens  # 0: every prompt in one pass
+        # Called from the engine thread with an EngineStats whenever the queue or the cache changed (the metrics).
+        self.on_stats: Any = None
+        self._published: EngineStats | None = None
+        self._prefilling: list[Prefill] = []
         self._piece_decode = fast_decoder(loaded.tokenizer, self.decode)
         self._texts = logprobs.TokenTexts(loaded.tokenizer, self.decode)
         self._eos_list = sorted(loaded.eos_ids)
@@ -314,10 +349,12 @@ class Engine(ModelFront):
             waiting = len(self._pending)
         # A finished row stays in its lane until the end of its step; its caller may have its result already.
         decoding = sum(row.finish_reason is None for lane in list(self._lanes) for row in list(lane.rows))
+        prefilling = sum(len(job.rows) for job in list(self._prefilling))
         return {
             **model_facts(self.loaded),
             "engine_mode": "batch",
             "decoding": decoding,
+            "prefilling": prefilling,
             "waiting": waiting,
             "max_batch_size": self.max_batch_size,
             "tokens_per_second": round(self._rate.per_second(), 1),
@@ -336,30 +373,35 @@ class Engine(ModelFront):
         """Admit requests and advance every lane by one token until closed; a failing lane fails its own rows."""
         while not self._closing:
             with torch.inference_mode():
-                for lane in self._admit():
-                    self._guarded(self._add_lane, lane)
+                for rows in self._admit():
+                    self._guarded(self._start_prefill, rows)
+                self._advance_prefills()
                 for lane in list(self._lanes):
                     self._guarded(self._step, lane)
             self._lanes = [lane for lane in self._lanes if lane.rows]
+            self._publish()
         stopped = [row for lane in self._lanes for row in lane.rows] + list(self._pending)
+        stopped += [row for job in self._prefilling for row in job.rows]
         for row in stopped:
             if not row.closed:
                 row.closed = True
                 row.handle._send("error", EngineError("the engine was shut down"))
 
-    def _guarded(self, action: Any, lane: Lane | list[Row]) -> None:
-        """Run action(lane); on failure, report it to the lane's waiting callers and drop the lane."""
+    def _guarded(self, action: Any, lane: Lane | Prefill | list[Row]) -> None:
+        """Run action(lane); on failure, report it to the lane's (or prefill's) waiting callers and drop it."""
         try:
             action(lane)
         except Exception as exc:  # a bug or a torch failure: the callers get an error, the engine goes on
-            rows = lane.rows if isinstance(lane, Lane) else lane
+            rows = lane if isinstance(lane, list) else lane.rows
             log.exception("generation failed for %d rows", len(rows))
             for row in rows:
                 if not row.closed:
                     row.closed = True
                     row.handle._send("error", EngineError(f"generation failed: {type(exc).__name__}"))
-            if isinstance(lane, Lane):
+            if not isinstance(lane, list):
                 lane.rows = []
+            # Prefill jobs of the failed rows (queued by a failing _start_prefill, say) must not go on.
+            self._prefilling = [job for job in self._prefilling if job.rows and not any(r.closed for r in job.rows)]
 
     def _admit(self) -> list[list[Row]]:
         """Take waiting rows that fit: the shared group, and each seeded row as a group of its own.
@@ -369,17 +411,18 @@ class Engine(ModelFront):
         arrivals shares one prefill instead of costing one each.
         """
         with self._wakeup:
-            if not self._lanes:
+            busy = bool(self._lanes or self._prefilling)
+            if not busy:
                 while not self._pending and not self._closing:
                     self._wakeup.wait()
                 self._wait_for_company()
             if self._closing:
                 return []
-            room = self.max_batch_size - sum(len(lane.rows) for lane in self._lanes)
+            room = self.max_batch_size - self._decoding() - sum(len(job.rows) for job in self._prefilling)
             if not self._pending or room <= 0:
                 return []
             waited = time.monotonic() - self._pending[0].submitted
-            if self._lanes and waited < self.batch_wait_s and len(self._pending) < room:
+            if busy and waited < self.batch_wait_s and len(self._pending) < room:
                 return []
             taken = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
         shared = [row for row in taken if not row.solo and not row.needs_prompt_logprobs]
@@ -397,45 +440,98 @@ class Engine(ModelFront):
                 return
             self._wakeup.wait(left)
 
-    def _add_lane(self, rows: list[Row]) -> None:
-        """Prefill `rows` into a new lane and merge it into the shared lane when there is one."""
-        lane = self._prefill(rows)
-        if lane is None or not lane.rows:
+    def _start_prefill(self, rows: list[Row]) -> None:
+        """Look up each row's cached prefix and queue its prefill: rows with a long rest each alone, in chunks."""
+        now = time.monotonic()
+        rows = self._live(rows, now)
+        batch: list[tuple[Row, tuple[int, torch.Tensor | None]]] = []
+        for row in rows:
+            row.timings["queue_s"] = now - row.submitted
+            start = self._cached_prefix(row)
+            row.cached_tokens = start[0]
+            if row.full_prefill:
+                self._prefilling.append(self._job([row], [start], chunked=False, all_logits=True))
+            elif self.chunk_tokens and len(row.prompt_ids) - start[0] > self.chunk_tokens:
+                self._prefilling.append(self._job([row], [start], chunked=True))
+            else:
+                batch.append((row, start))
+        if batch:
+            self._prefilling.append(self._job([row for row, _ in batch], [start for _, start in batch], chunked=False))
+
+    def _job(self, rows: list[Row], starts: list, *, chunked: bool, all_logits: bool = False) -> Prefill:
+        """A prefill job for `rows` on the model's device."""
+        chunk = self.chunk_tokens if chunked else 0
+        device = getattr(self.loaded.model, "device", "cpu")
+        return Prefill(
+            rows, starts, pad_id=self.loaded.pad_id, chunk_tokens=chunk, device=device, all_logits=all_logits
+        )
+
+    def _cached_prefix(self, row: Row) -> tuple[int, torch.Tensor | None]:
+        """The row's longest cached prefix (tokens, KV), or (0, None) when it may not or does not have one."""
+        if not self.prefix_cache.enabled or not row.uses_prefix_cache:
+            return 0, None
+        return self.prefix_cache.lookup(row.prompt_ids)
+
+    def _advance_prefills(self) -> None:
+        """Run one step of prefill: every one-pass job, and one chunk of the oldest chunked job.
+
+        So a long prompt costs the running rows at most one chunk per decode step, however many long prompts wait.
+        With no row decoding there is nothing to protect: every chunked job reads its next chunk.
+        """
+        chunked_done = False
+        protect = any(lane.rows for lane in self._lanes)
+        for job in list(self._prefilling):
+            if job.chunked and protect:
+                if chunked_done:
+                    continue
+                chunked_done = True
+            self._guarded(self._advance, job)
+
+    def _advance(self, job: Prefill) -> None:
+        """Feed a job's next chunk (dropping rows cancelled or out of time); when done, its rows start decoding."""
+        live = self._live(job.rows, time.monotonic())
+        if len(live) < len(job.rows):
+            job.keep([i for i, row in enumerate(job.rows) if row.finish_reason is None])
+        if not job.rows:
+            self._prefilling.remove(job)
+            return
+        logits = job.advance(self.loaded.model)
+        if logits is None:
+            return
+        self._prefilling.remove(job)
+        lane = Lane(job.rows, job.cache, job.mask, job.positions[:, -1:], padded=not bool(job.mask.all()))
+        self._remember(lane)
+        for i, row in enumerate(lane.rows):
+            if row.needs_prompt_logprobs:  # a job of its own, every position's logits kept (all_logits)
+                width = len(row.prompt_ids)
+                row.prompt_logprobs = logprobs.prompt_entries(
+                    logits[i, -width:].float(), row.prompt_ids, row.request.prompt_logprobs or 0, self._texts
+                )
+        self._choose(lane, logits[:, -1, :].float())  # fp32 whatever the model computes in: see sampling
+        self._add_lane(lane)
+
+    def _remember(self, lane: Lane) -> None:
+        """Keep the full prompt blocks of the lane's rows in the prefix cache (those it does not hold yet)."""
+        cache = self.prefix_cache
+        if not cache.enabled or not mergeable(lane.cache):
+            return
+        for i, row in enumerate(lane.rows):
+            full = len(row.prompt_ids) // cache.block_tokens * cache.block_tokens
+            start = max(row.cached_tokens, cache.known(row.prompt_ids[:full]))
+            if full <= start:
+                continue
+            columns = lane.mask[i].nonzero().squeeze(-1)[start:full]
+            cache.store(row.prompt_ids[:full], row_kv(lane.cache, i, columns), start=start)
+
+    def _add_lane(self, lane: Lane) -> None:
+        """Merge a freshly prefilled lane into the shared lane when there is one, else keep it as its own."""
+        if not lane.rows:
             return
         shared = next((other for other in self._lanes if not other.solo and other.rows), None)
         if not lane.solo and shared is not None and mergeable(shared.cache) and mergeable(lane.cache):
             shared.merge(lane)
         else:
             self._lanes.append(lane)
-
-    def _prefill(self, rows: list[Row]) -> Lane | None:
-        """Run the rows' prompts through the model in one padded batch and choose their first tokens."""
-        now = time.monotonic()
-        rows = self._live(rows, now)
-        if not rows:
-            return None
-        for row in rows:
-            row.timings["queue_s"] = now - row.submitted
-        lengths = [len(row.prompt_ids) for row in rows]
-        input_ids, mask = self._left_pad([row.prompt_ids for row in rows])
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        # Rows that score their prompt need every position's logits (_admit gives each such row a prefill of its own).
-        scoring = [i for i, row in enumerate(rows) if row.needs_prompt_logprobs]
-        out = self.loaded.model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=0 if scoring else 1,
-        )
-        for i in scoring:
-            row, width = rows[i], len(rows[i].prompt_ids)
-            row.prompt_logprobs = logprobs.prompt_entries(
-                out.logits[i, -width:].float(), row.prompt_ids, row.request.prompt_logprobs or 0, self._texts
-            )
-        lane = Lane(rows, out.cache, mask, positions[:, -1:], padded=min(lengths) < max(lengths))
-        self._choose(lane, out.logits[:, -1, :].float())  # fp32 whatever the model computes in: see sampling
-        return lane
 
     def _step(self, lane: Lane) -> None:
         """Feed each row's last token, then choose the next one."""
@@ -458,7 +554,7 @@ class Engine(ModelFront):
 
     def _step_mask(self, lane: Lane) -> torch.Tensor | None:
         """The attention mask of a decode step: none without padding, else 4-D boolean for SDPA, else 2-D."""
-        if not lane.padded:
+        if not lane.padded:  # no row has padding (left, or between a cached prefix and the rest)
             return None
         if self._bool_masks:
             return lane.mask.bool()[:, None, None, :]
@@ -484,6 +580,7 @@ class Engine(ModelFront):
         for i, (row, token) in enumerate(zip(lane.rows, tokens)):
             if row.steps == 0:
                 row.timings["first_token_s"] = now - row.submitted
+            row.token_times.append(now - row.submitted)
             row.steps += 1
             row.batched += size
             if row.request.max_new_tokens == 0:  # score only (echo): the prefill was all it needed
@@ -499,6 +596,36 @@ class Engine(ModelFront):
         if len(keep) < size:
             lane.keep(keep)
 
+    def _decoding(self) -> int:
+        """Rows in the lanes (decoding)."""
+        return sum(len(lane.rows) for lane in self._lanes)
+
+    def queue_stats(self) -> EngineStats:
+        """A snapshot of the queue and the prefix cache, for the metrics (on_stats)."""
+        cache = self.prefix_cache.stats()
+        return EngineStats(
+            waiting=len(self._pending),
+            prefilling=sum(len(job.rows) for job in self._prefilling),
+            decoding=self._decoding(),
+            prefix_cache_bytes=cache.bytes,
+            prefix_cache_capacity_bytes=cache.capacity_bytes,
+            prefix_hit_tokens=cache.hit_tokens,
+            prefix_miss_tokens=cache.miss_tokens,
+        )
+
+    def _publish(self) -> None:
+        """Hand the stats to on_stats when they changed since last time (a failing hook is logged, not fatal)."""
+        if self.on_stats is None:
+            return
+        stats = self.queue_stats()
+        if stats == self._published:
+            return
+        self._published = stats
+        try:
+            self.on_stats(stats)
+        except Exception:
+            log.exception("the engine's stats hook failed")
+
     def _live(self, rows: list[Row], now: float) -> list[Row]:
         """Finish rows that were cancelled or ran out of time; return the rows still going."""
         for row in rows:
@@ -507,14 +634,3 @@ class Engine(ModelFront):
             if row.finish_reason is not None and not row.closed:
                 row.finish(self.model_name, now)
         return [row for row in rows if row.finish_reason is None]
-
-    def _left_pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-pad token lists into ids and attention mask tensors, on the model's device."""
-        width = max(len(seq) for seq in sequences)
-        ids = torch.full((len(sequences), width), self.loaded.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(sequences), width), dtype=torch.long)
-        for i, seq in enumerate(sequences):
-            ids[i, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-            mask[i, width - len(seq) :] = 1
-        device = self.loaded.device
-        return (ids, mask) if device == "cpu" else (ids.to(device), mask.to(device))

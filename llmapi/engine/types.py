@@ -128,6 +128,8 @@ class GenerationResult:
     logprobs: tuple[TokenLogprob, ...] | None = None  # one per generated token (end-of-sequence left out)
     prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # one per prompt token; the first's logprob is None
     prompt_text: str | None = None  # the decoded prompt, when it was sent as token ids
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    token_times: tuple[float, ...] = ()  # when each new token was chosen, in seconds after submission
 
     @property
     def total_tokens(self) -> int:
@@ -147,6 +149,19 @@ class Piece(str):
         piece = super().__new__(cls, text)
         piece.logprobs = logprobs
         return piece
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of an engine's queue and prefix cache (token counts are totals since it started)."""
+
+    waiting: int = 0  # rows queued for a place in the batch
+    prefilling: int = 0  # rows whose prompts are being read
+    decoding: int = 0  # rows in the batch, generating
+    prefix_cache_bytes: int = 0
+    prefix_cache_capacity_bytes: int = 0
+    prefix_hit_tokens: int = 0  # prompt tokens read from the prefix cache
+    prefix_miss_tokens: int = 0  # prompt tokens of rows that looked in the cache, computed all the same
 
 
 class Handle(Protocol):

@@ -34,6 +34,9 @@ def load_engine(settings: Settings) -> EngineLike:
         threads=settings.threads_per_worker,
         max_batch_size=settings.max_batch_size,
         batch_wait_ms=settings.batch_wait_ms,
+        prefix_cache_mb=settings.prefix_cache_mb,
+        prefix_cache_block_tokens=settings.prefix_cache_block_tokens,
+        prefill_chunk_tokens=settings.prefill_chunk_tokens,
         mode=settings.engine_mode,
         device=settings.device,
         dtype=settings.dtype,
@@ -150,6 +153,8 @@ class EngineService:
             self.metrics.observe_load(None)
             raise self._failure from exc
         self._failure = None
+        if hasattr(self._engine, "on_stats"):  # the batching engine reports its queue and prefix cache
+            self._engine.on_stats = self.metrics.observe_engine
         seconds = time.perf_counter() - started
         log.info("pid=%d loaded model %s in %.2fs", os.getpid(), name, seconds)
         self.metrics.observe_load(seconds, placement=self.placement)

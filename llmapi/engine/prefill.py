@@ -1,0 +1,99 @@
+"""Prefill as a job of the engine's loop: prompts run after their cached prefixes, one chunk of columns per step.
+
+A job's rows are laid out in two left-padded parts: the cached prefixes (rebuilt into a DynamicCache from the
+prefix cache's blocks) and the rest of each prompt, which the model still has to read. Row r's columns are
+
+    [pad][its cached prefix] [pad][the rest of its prompt]
+
+with the mask 0 on the pads and positions counting real tokens only, so every token sits where a prefill of the
+whole prompt would have put it. The rest is fed `chunk_tokens` columns at a time; the last column of every row is
+its prompt's last token, whose logits choose the first new token.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+
+class Prefill:
+    """Rows being prefilled together: their ids still to read, mask, positions and the cache built so far."""
+
+    def __init__(
+        self,
+        rows: list[Any],
+        cached: list[tuple[int, torch.Tensor | None]],
+        *,
+        pad_id: int,
+        chunk_tokens: int = 0,
+        device: torch.device | str = "cpu",
+        all_logits: bool = False,
+    ) -> None:
+        self.rows = rows
+        self.cached_width = max(n for n, _ in cached)
+        rests = [row.prompt_ids[n:] for row, (n, _) in zip(rows, cached)]
+        self.width = max(len(rest) for rest in rests)
+        self.ids = torch.full((len(rows), self.width), pad_id, dtype=torch.long, device=device)
+        self.mask = torch.zeros((len(rows), self.cached_width + self.width), dtype=torch.long, device=device)
+        for i, ((n, _), rest) in enumerate(zip(cached, rests)):
+            self.ids[i, self.width - len(rest) :] = torch.tensor(rest, dtype=torch.long, device=device)
+            self.mask[i, self.cached_width - n : self.cached_width] = 1
+            self.mask[i, self.cached_width + self.width - len(rest) :] = 1
+        self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
+        self.cached_tokens = [n for n, _ in cached]
+        self.cache = rebuild_cache(cached, self.cached_width) if self.cached_width else None
+        self.chunk = chunk_tokens if 0 < chunk_tokens < self.width else self.width
+        self.offset = 0
+        self.all_logits = all_logits  # the hook for prompt logprobs: keep the logits of every position
+
+    @property
+    def chunked(self) -> bool:
+        """Whether this job takes more than one step."""
+        return self.chunk < self.width
+
+    def advance(self, model: Any) -> torch.Tensor | None:
+        """Feed the next chunk; return the logits once the last one is read (of its last column, unless all_logits)."""
+        end = min(self.offset + self.chunk, self.width)
+        total = self.cached_width + end
+        out = model(
+            input_ids=self.ids[:, self.offset : end],
+            attention_mask=self.mask[:, :total],
+            position_ids=self.positions[:, self.cached_width + self.offset : total],
+            cache=self.cache,
+            use_cache=True,
+            logits_to_keep=0 if self.all_logits and end == self.width else 1,
+        )
+        self.cache = out.cache
+        self.offset = end
+        return out.logits if end == self.width else None
+
+    def keep(self, index: list[int]) -> None:
+        """Keep only the rows at `index` (the others were cancelled or timed out between chunks)."""
+        self.rows = [self.rows[i] for i in index]
+        self.cached_tokens = [self.cached_tokens[i] for i in index]
+        if not self.rows:
+            return
+        select = torch.tensor(index, dtype=torch.long, device=self.ids.device)
+        self.ids, self.mask, self.positions = self.ids[select], self.mask[select], self.positions[select]
+        if self.cache is not None:
+            self.cache.batch_select_indices(select)
+
+
+def rebuild_cache(cached: list[tuple[int, torch.Tensor | None]], width: int) -> DynamicCache:
+    """A DynamicCache of the cached prefixes, each `[layers, 2, heads, n, dim]`, left-padded with zeros to `width`."""
+    sample = next(kv for _, kv in cached if kv is not None)
+    layers, _, heads, _, dim = sample.shape
+    full = sample.new_zeros((layers, 2, len(cached), heads, width, dim))
+    for i, (n, kv) in enumerate(cached):
+        if kv is not None:
+            full[:, :, i, :, width - n :] = kv
+    return DynamicCache(ddp_cache_data=[(full[layer, 0], full[layer, 1]) for layer in range(layers)])
+
+
+def row_kv(cache: Any, row: int, columns: torch.Tensor) -> torch.Tensor:
+    """The keys and values of one row at `columns`, every layer: `[layers, 2, heads, len(columns), dim]`."""
+    return torch.stack(
+        [torch.stack([layer.keys[row][:, columns], layer.values[row][:, columns]]) for layer in cache.layers]
+    )
