@@ -177,3 +177,34 @@ def test_engine_stats_count_the_queue_and_the_cache(cached):
     assert any(s.decoding == 1 for s in seen)
     assert seen[-1].decoding == 0 and seen[-1].waiting == 0
     assert seen[-1].prefix_hit_tokens > 0 and seen[-1].prefix_cache_bytes > 0
+
+
+def test_prompt_scoring_rows_bypass_the_cache_and_chunks_and_score_as_without_them(sharp, chunked):
+    """A row that scores its prompt (echo + logprobs) reads it whole: the same logprobs with the cache warm."""
+    warm = [chunked.submit(request) for request in chats(2, tail=" " + LONG)]
+    for handle in warm:
+        handle.result()
+    scoring = GenerationRequest(prompt=f"{SYSTEM} {LONG} User 0: tell me about 0.", max_new_tokens=2, prompt_logprobs=1)
+    plain, cached = sharp.generate(scoring), chunked.generate(scoring)
+    assert cached.cached_tokens == 0 and cached.text == plain.text
+    assert len(cached.prompt_logprobs) == cached.prompt_tokens > 16 * 3
+    assert [entry.logprob for entry in cached.prompt_logprobs[1:]] == pytest.approx(
+        [entry.logprob for entry in plain.prompt_logprobs[1:]], abs=1e-4
+    )
+    assert cached.prompt_logprobs[0].logprob is None
+
+
+def test_prefix_cache_keeps_greedy_text_in_bfloat16(sharp_model):
+    """The cache stores and rebuilds KV in the model's own dtype: bf16 text with it equals bf16 text without it."""
+    plain = create_engine(sharp_model, threads=1, batch_wait_ms=5, dtype="bfloat16")
+    cached = create_engine(sharp_model, threads=1, batch_wait_ms=5, dtype="bfloat16", prefix_cache_mb=64)
+    try:
+        requests = chats(3)
+        expected = [plain.generate(request).text for request in requests]
+        first = cached.generate(requests[0])
+        rest = [cached.generate(request) for request in requests[1:]]
+        assert [first.text, *(result.text for result in rest)] == expected
+        assert all(result.cached_tokens > 0 for result in rest)
+    finally:
+        plain.close()
+        cached.close()
