@@ -97,15 +97,7 @@ def choose(logits: torch.Tensor, rows: Sequence[RowControls], eos_ids: Sequence[
         return choose_on_device(logits, rows, eos_ids)
     if all(row.plain for row in rows):
         return argmax(logits)
-    penalised = [i for i, row in enumerate(rows) if row.repetition_penalty != 1.0 and row.seen]
-    if penalised:
-        apply_repetition_penalty(logits, [rows[i] for i in penalised], penalised)
-    counted = [i for i, row in enumerate(rows) if row.counted and row.counts]
-    if counted:
-        apply_frequency_presence(logits, [rows[i] for i in counted], counted)
-    biased = [i for i, row in enumerate(rows) if row.bias]
-    if biased:
-        apply_logit_bias(logits, [rows[i] for i in biased], biased)
+    adjust(logits, rows)
     tokens = [0] * len(rows)
     for greedy in (True, False):
         index = [i for i, row in enumerate(rows) if row.greedy == greedy]
@@ -118,15 +110,8 @@ def choose(logits: torch.Tensor, rows: Sequence[RowControls], eos_ids: Sequence[
     return torch.tensor(tokens)
 
 
-def choose_on_device(logits: torch.Tensor, rows: Sequence[RowControls], eos_ids: Sequence[int]) -> torch.Tensor:
-    """`choose` in torch operations alone, for logits on a GPU (it runs on CPU tensors too, for the tests).
-
-    Greedy rows take the argmax; sampled rows the inverse CDF over the whole vocabulary (one cumsum, one
-    searchsorted), which on a GPU costs less than rejection's per-row scalar reads would.
-    """
-    device = logits.device
-    if all(row.plain for row in rows):
-        return logits.argmax(dim=-1)
+def adjust(logits: torch.Tensor, rows: Sequence[RowControls]) -> None:
+    """Apply each row's repetition penalty, frequency and presence penalties and logit_bias, in place."""
     penalised = [i for i, row in enumerate(rows) if row.repetition_penalty != 1.0 and row.seen]
     if penalised:
         apply_repetition_penalty(logits, [rows[i] for i in penalised], penalised)
@@ -136,6 +121,18 @@ def choose_on_device(logits: torch.Tensor, rows: Sequence[RowControls], eos_ids:
     biased = [i for i, row in enumerate(rows) if row.bias]
     if biased:
         apply_logit_bias(logits, [rows[i] for i in biased], biased)
+
+
+def choose_on_device(logits: torch.Tensor, rows: Sequence[RowControls], eos_ids: Sequence[int]) -> torch.Tensor:
+    """`choose` in torch operations alone, for logits on a GPU (it runs on CPU tensors too, for the tests).
+
+    Greedy rows take the argmax; sampled rows the inverse CDF over the whole vocabulary (one cumsum, one
+    searchsorted), which on a GPU costs less than rejection's per-row scalar reads would.
+    """
+    device = logits.device
+    if all(row.plain for row in rows):
+        return logits.argmax(dim=-1)
+    adjust(logits, rows)
     suppressed = [i for i, row in enumerate(rows) if row.suppress_eos]
     if suppressed and eos_ids:
         row_index = torch.tensor(suppressed, device=device).unsqueeze(-1)
@@ -148,12 +145,9 @@ def choose_on_device(logits: torch.Tensor, rows: Sequence[RowControls], eos_ids:
     return tokens
 
 
-def _device_sample(scores: torch.Tensor, rows: Sequence[RowControls]) -> torch.Tensor:
-    """Draw one token per row by inverse CDF after temperature, top-k and top-p, in torch on `scores`' device."""
-    device = scores.device
-    scale = torch.tensor([LOG2_E / row.temperature for row in rows], device=device).unsqueeze(-1)
-    log2w = (scores - scores.amax(dim=-1, keepdim=True)) * scale
-    top_k = [row.top_k if 0 < row.top_k < scores.shape[-1] else 0 for row in rows]
+def truncate(log2w: torch.Tensor, rows: Sequence[RowControls]) -> torch.Tensor:
+    """Drop the tokens each row's top-k, top-p and min_p leave out (weights -inf), on either sampling path."""
+    top_k = [row.top_k if 0 < row.top_k < log2w.shape[-1] else 0 for row in rows]
     if any(top_k):
         log2w = _top_k(log2w, top_k)
     top_p = [row.top_p for row in rows]
@@ -162,6 +156,15 @@ def _device_sample(scores: torch.Tensor, rows: Sequence[RowControls]) -> torch.T
     min_p = [row.min_p for row in rows]
     if any(min_p):
         log2w = _min_p(log2w, min_p)
+    return log2w
+
+
+def _device_sample(scores: torch.Tensor, rows: Sequence[RowControls]) -> torch.Tensor:
+    """Draw one token per row by inverse CDF after temperature, top-k and top-p, in torch on `scores`' device."""
+    device = scores.device
+    scale = torch.tensor([LOG2_E / row.temperature for row in rows], device=device).unsqueeze(-1)
+    log2w = (scores - scores.amax(dim=-1, keepdim=True)) * scale
+    log2w = truncate(log2w, rows)
     cdf = torch.exp2(log2w).cumsum(dim=-1)
     uniforms = torch.tensor([row.uniform() for row in rows], dtype=cdf.dtype, device=device)
     target = (uniforms * cdf[:, -1]).unsqueeze(-1)
@@ -284,15 +287,7 @@ def _reject(values: np.ndarray, peak: float, row: RowControls) -> int | None:
 def _inverse_cdf_sample(scores: torch.Tensor, rows: Sequence[RowControls], peak: np.ndarray) -> np.ndarray:
     """Draw one token per row by inverse CDF after temperature, top-k and top-p."""
     log2w = log2_weights_(scores, [row.temperature for row in rows], peak)
-    top_k = [row.top_k if 0 < row.top_k < scores.shape[-1] else 0 for row in rows]
-    if any(top_k):
-        log2w = _top_k(log2w, top_k)
-    top_p = [row.top_p for row in rows]
-    if any(p < 1.0 for p in top_p):
-        log2w = _top_p(log2w, top_p)
-    min_p = [row.min_p for row in rows]
-    if any(min_p):
-        log2w = _min_p(log2w, min_p)
+    log2w = truncate(log2w, rows)
     return inverse_cdf(log2w, [row.uniform() for row in rows])
 
 

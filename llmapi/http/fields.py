@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from marshmallow import Schema, ValidationError, fields
+from marshmallow.validate import Range
 
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 256
@@ -154,3 +155,22 @@ def schema_source(schema: Any) -> str:
     if len(text) > MAX_SCHEMA_CHARS:
         raise ValidationError(f"The schema is longer than {MAX_SCHEMA_CHARS} characters as JSON.")
     return text
+
+
+MAX_PENALTY = 2.0  # frequency_penalty and presence_penalty: OpenAI's range, -2 to 2, on every API
+
+
+class PenaltiesSchema(Schema):
+    """OpenAI's frequency and presence penalties and logit_bias: the same fields on /generate and on /v1."""
+
+    frequency_penalty = StrictFloat(
+        load_default=0.0,
+        validate=Range(min=-MAX_PENALTY, max=MAX_PENALTY),
+        metadata={"description": "subtracted from a generated token's logit once per time it was generated"},
+    )
+    presence_penalty = StrictFloat(
+        load_default=0.0,
+        validate=Range(min=-MAX_PENALTY, max=MAX_PENALTY),
+        metadata={"description": "subtracted once from the logit of every token already generated"},
+    )
+    logit_bias = LogitBiasField()

@@ -25,7 +25,7 @@ from llmapi.http.fields import (
     MAX_SEED,
     MAX_STOP_SEQUENCES,
     ErrorSchema,
-    LogitBiasField,
+    PenaltiesSchema,
     StopField,
     StrictBoolean,
     StrictFloat,
@@ -44,7 +44,6 @@ from llmapi.runtime.runner import Event
 MAX_TEMPERATURE = 100.0
 MAX_TOP_K = 1_000_000
 MAX_REPETITION_PENALTY = 100.0
-MAX_PENALTY = 2.0  # frequency_penalty and presence_penalty, OpenAI's range
 MAX_TOP_N_TOKENS = 5  # alternatives per position in details, as TGI allows
 VALIDATION_STATUS = 422  # this API's answer to a body its schema refuses (/v1 answers 400, as OpenAI does)
 SAMPLING_KEYS = ("temperature", "top_p", "top_k")
@@ -94,7 +93,7 @@ class GenerateResponseSchema(Schema):
 def request_schema(settings: Settings) -> type[Schema]:
     """Make the /generate body's schema with the limits in `settings` baked in (so the OpenAPI spec shows them)."""
 
-    class GenerateRequestSchema(Schema):
+    class GenerateRequestSchema(PenaltiesSchema):
         """The body of POST /generate."""
 
         prompt = Text(
@@ -128,17 +127,6 @@ def request_schema(settings: Settings) -> type[Schema]:
             metadata={"description": "deadline; on expiry the text so far is returned with finish_reason timeout"},
         )
         stream = StrictBoolean(load_default=False, metadata={"description": "answer with Server-Sent Events"})
-        frequency_penalty = StrictFloat(
-            load_default=0.0,
-            validate=Range(min=-MAX_PENALTY, max=MAX_PENALTY),
-            metadata={"description": "subtracted from a generated token's logit once per time it was generated"},
-        )
-        presence_penalty = StrictFloat(
-            load_default=0.0,
-            validate=Range(min=-MAX_PENALTY, max=MAX_PENALTY),
-            metadata={"description": "subtracted once from the logit of every token already generated"},
-        )
-        logit_bias = LogitBiasField()
         min_p = StrictFloat(
             load_default=0.0,
             validate=Range(min=0, max=1),

@@ -15,7 +15,7 @@ from llmapi.engine.types import Grammar
 from llmapi.http.fields import (
     MAX_SEED,
     MAX_TOKEN_ID,
-    LogitBiasField,
+    PenaltiesSchema,
     StopField,
     StrictBoolean,
     StrictFloat,
@@ -30,7 +30,6 @@ MAX_MESSAGES = 256
 MAX_MODEL_CHARS = 256
 MAX_USER_CHARS = 256
 MAX_TEMPERATURE = 2.0  # OpenAI's documented range (/generate follows transformers' wider one)
-MAX_PENALTY = 2.0  # frequency_penalty and presence_penalty: OpenAI's range, -2 to 2
 MAX_COMPLETION_LOGPROBS = 5  # /v1/completions' logprobs, as OpenAI's legacy API
 MAX_TOP_LOGPROBS = 20  # /v1/chat/completions' top_logprobs
 MAX_TOP_K = 1_000_000
@@ -309,7 +308,7 @@ def build(settings: Settings) -> OpenAISchemas:
     """Make the /v1 request schemas with the limits in `settings` baked in (so the OpenAPI spec shows them)."""
     limit, choices = settings.max_new_tokens_limit, settings.openai_max_choices
 
-    class SamplingSchema(Schema):
+    class SamplingSchema(PenaltiesSchema):
         """The parameters /v1/completions and /v1/chat/completions share."""
 
         model = fields.String(
@@ -351,17 +350,6 @@ def build(settings: Settings) -> OpenAISchemas:
         user = fields.String(
             allow_none=True, validate=Length(max=MAX_USER_CHARS), metadata={"description": "accepted, not used"}
         )
-        presence_penalty = StrictFloat(
-            load_default=0.0,
-            validate=Range(min=-MAX_PENALTY, max=MAX_PENALTY),
-            metadata={"description": "subtracted once from the logit of every token already generated"},
-        )
-        frequency_penalty = StrictFloat(
-            load_default=0.0,
-            validate=Range(min=-MAX_PENALTY, max=MAX_PENALTY),
-            metadata={"description": "subtracted from a generated token's logit once per time it was generated"},
-        )
-        logit_bias = LogitBiasField()
         # vLLM's extra sampling parameters
         top_k = StrictInteger(
             load_default=0,
