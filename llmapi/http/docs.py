@@ -167,6 +167,10 @@ def error_response(status: int) -> dict[str, Any]:
     return response
 
 
+NULLABLE_OBJECT = {"type": "object", "nullable": True}
+NULL = {"nullable": True, "enum": [None]}
+
+
 def field_attributes(self: Any, field: fields.Field, ret: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
     """apispec attribute function: open Range ends, and a field's own schema where it declares one."""
     attributes: dict[str, Any] = {}
@@ -179,6 +183,10 @@ def field_attributes(self: Any, field: fields.Field, ret: dict[str, Any], **kwar
     mapping = getattr(field, "_jsonschema_type_mapping", None)
     if mapping is not None:
         attributes.update(mapping())
+    # apispec writes a nullable nested schema as anyOf [its schema, any object]: the second would let any object
+    # through the spec while the server refuses unknown fields. Null is what it means.
+    if isinstance(field, fields.Nested) and NULLABLE_OBJECT in ret.get("anyOf", ()):
+        attributes["anyOf"] = [NULL if item == NULLABLE_OBJECT else item for item in ret["anyOf"]]
     return attributes
 
 
