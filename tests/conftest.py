@@ -317,12 +317,14 @@ def server(request: pytest.FixtureRequest, tiny_model: str, tmp_path_factory: py
 
 
 def run_concurrently(func: Callable[[int], Any], count: int) -> list[Any]:
-    """Call func(0..count-1) on `count` threads at once and return results in order."""
+    """Call func(0..count-1) on `count` threads at once (released together) and return results in order."""
     results: list[Any] = [None] * count
     errors: list[BaseException] = []
+    start = threading.Barrier(count)
 
     def target(i: int) -> None:
         try:
+            start.wait(60)
             results[i] = func(i)
         except BaseException as exc:  # re-raised below in the test's thread
             errors.append(exc)

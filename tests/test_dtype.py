@@ -3,8 +3,6 @@ sampling, and batched-equals-solo and the seed promise within one dtype."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -15,6 +13,7 @@ from llmapi.engine.precision import BF16_MIN_PARAMETERS, PlacementError, choose_
 from llmapi.engine.sampling import RowControls, choose, choose_on_device
 from llmapi.metrics import Metrics
 from tests.conftest import KEY, run_concurrently
+from tests.laws import chi_square_ok, softmax_law
 
 ZEN4 = frozenset({"avx2", "avx512f", "avx512_bf16", "avx512_vnni"})
 SAPPHIRE_RAPIDS = frozenset({"avx512f", "amx_bf16", "amx_tile"})
@@ -240,22 +239,9 @@ def test_device_sampler_follows_the_softmax_law(temperature, top_k, top_p):
     counts = torch.zeros(vocab)
     for _ in range(200):
         counts += torch.bincount(choose_on_device(scores.expand(50, -1).clone(), group, []), minlength=vocab).float()
-    expected_scores = scores / temperature
-    if top_k:
-        kth = expected_scores.topk(top_k).values[-1]
-        expected_scores = expected_scores.masked_fill(expected_scores < kth, -math.inf)
-    probs = torch.softmax(expected_scores, dim=-1)
-    if top_p < 1.0:
-        ordered, order = probs.sort(descending=True)
-        keep = ordered.cumsum(0) - ordered < top_p
-        probs = torch.zeros_like(probs).index_fill(0, order[keep], 1.0) * probs
-        probs = probs / probs.sum()
+    probs = softmax_law(scores, temperature=temperature, top_k=top_k, top_p=top_p)
     assert counts[probs == 0].sum() == 0
-    expected = probs * counts.sum()
-    bins = expected > 5
-    chi2 = float((((counts - expected) ** 2) / expected)[bins].sum())
-    dof = int(bins.sum()) - 1
-    assert chi2 < dof + 5 * math.sqrt(2 * dof)
+    assert chi_square_ok(counts, probs)
 
 
 def test_device_sampler_draws_repeat_with_the_seed():

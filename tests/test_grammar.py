@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 
 import jsonschema
 import pytest
@@ -12,6 +11,7 @@ import pytest
 from bench.grammar import SCHEMA
 from llmapi.engine import GenerationRequest
 from llmapi.engine.types import Grammar, InvalidRequest
+from tests.conftest import run_concurrently
 
 SCHEMA_GRAMMAR = Grammar("json_schema", json.dumps(SCHEMA, sort_keys=True, separators=(",", ":")))
 
@@ -32,18 +32,7 @@ def test_grammar_rows_share_a_batch_with_plain_rows(engine):
     plain = GenerationRequest(prompt="Hello there", max_new_tokens=12)
     alone = engine.generate(plain).text
     requests = [plain, GenerationRequest(prompt="Pet:", max_new_tokens=120, grammar=SCHEMA_GRAMMAR)] * 2
-    results = [None] * len(requests)
-    barrier = threading.Barrier(len(requests))
-
-    def run(i: int) -> None:
-        barrier.wait()
-        results[i] = engine.generate(requests[i])
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    results = run_concurrently(lambda i: engine.generate(requests[i]), len(requests))
     assert results[0].text == results[2].text == alone  # untouched by its neighbours' masks
     for result in results[1::2]:
         jsonschema.validate(json.loads(result.text), SCHEMA)

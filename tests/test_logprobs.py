@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 
 from llmapi.engine import GenerationRequest
 from llmapi.engine.types import GenerationResult, Piece, TokenLogprob
 from llmapi.http.openai.formats import ChatFormat, CompletionFormat
+from tests.conftest import run_concurrently
 
 PROMPT = "Artificial Intelligence is"
 TOLERANCE = 1e-4
@@ -57,19 +56,7 @@ def test_logprobs_prompt_scoring_in_a_batch_with_other_rows(sharp):
         GenerationRequest(prompt=prompts[1], max_new_tokens=3, prompt_logprobs=0),
         GenerationRequest(prompt=prompts[2], max_new_tokens=4),
     ]
-    results: list[GenerationResult | None] = [None] * 3
-    barrier = threading.Barrier(3)
-
-    def run(i: int) -> None:
-        barrier.wait()
-        results[i] = sharp.generate(requests[i])
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    scored, generated, plain = results
+    scored, generated, plain = run_concurrently(lambda i: sharp.generate(requests[i]), 3)
     assert scored.text == "" and scored.completion_tokens == 0 and scored.logprobs == ()
     for result, prompt in ((scored, prompts[0]), (generated, prompts[1])):
         ids = sharp.encode(prompt)

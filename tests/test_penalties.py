@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 from llmapi.engine import GenerationRequest, sampling
 from llmapi.engine.sampling import RowControls, choose, sample
 from llmapi.engine.types import InvalidRequest
+from tests.laws import chi_square_ok
 
 VOCAB = 12
 
@@ -54,15 +53,6 @@ def test_penalties_count_only_generated_tokens_of_their_own_row():
     assert row.counts == {} and row.plain  # nothing generated yet: plain argmax, no work
     row.saw(5)
     assert row.counts == {5: 1} and not row.plain
-
-
-def chi_square_ok(counts: torch.Tensor, probs: torch.Tensor) -> bool:
-    """Whether counts follow probs (five standard deviations of the chi-square statistic)."""
-    expected = probs * counts.sum()
-    bins = expected > 5
-    chi2 = float((((counts - expected) ** 2) / expected)[bins].sum())
-    dof = int(bins.sum()) - 1
-    return chi2 < dof + 5 * math.sqrt(2 * dof)
 
 
 @pytest.mark.parametrize(("tries", "top_k"), [(None, 0), (0, 0), (10_000, 0), (None, VOCAB)])

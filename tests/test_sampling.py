@@ -10,6 +10,7 @@ import torch
 
 from llmapi.engine import sampling
 from llmapi.engine.sampling import RowControls, argmax, choose, inverse_cdf, sample
+from tests.laws import chi_square_ok, softmax_law
 
 PROMPT = "Artificial Intelligence is"
 LONG_PROMPT = " ".join(["tokens prompts and completions"] * 40)
@@ -54,22 +55,9 @@ def test_sampler_follows_the_softmax_law(vocab, temperature, top_k, top_p, offse
         monkeypatch.setattr(sampling, "REJECTION_TRIES", tries)
     scores = torch.linspace(-3, 2, vocab)[torch.randperm(vocab, generator=torch.Generator().manual_seed(1))] + offset
     counts = draws(scores, rows_of(50, temperature=temperature, top_k=top_k, top_p=top_p), 200)
-    expected_scores = scores / temperature
-    if top_k:
-        kth = expected_scores.topk(top_k).values[-1]
-        expected_scores = expected_scores.masked_fill(expected_scores < kth, -math.inf)
-    probs = torch.softmax(expected_scores, dim=-1)
-    if top_p < 1.0:
-        ordered, order = probs.sort(descending=True)
-        keep = ordered.cumsum(0) - ordered < top_p
-        probs = torch.zeros_like(probs).index_fill(0, order[keep], 1.0) * probs
-        probs = probs / probs.sum()
+    probs = softmax_law(scores, temperature=temperature, top_k=top_k, top_p=top_p)
     assert counts[probs == 0].sum() == 0  # never a token outside top-k / top-p
-    expected = probs * counts.sum()
-    bins = expected > 5
-    chi2 = float((((counts - expected) ** 2) / expected)[bins].sum())
-    dof = int(bins.sum()) - 1
-    assert chi2 < dof + 5 * math.sqrt(2 * dof)  # five standard deviations: a wrong law is far beyond
+    assert chi_square_ok(counts, probs)
 
 
 def test_sampler_rows_with_different_temperatures_each_follow_their_own_law():
@@ -82,11 +70,7 @@ def test_sampler_rows_with_different_temperatures_each_follow_their_own_law():
         counts[0] += torch.bincount(tokens[0::2], minlength=vocab).float()
         counts[1] += torch.bincount(tokens[1::2], minlength=vocab).float()
     for group, temperature in enumerate((0.5, 2.0)):
-        expected = torch.softmax(scores / temperature, dim=-1) * counts[group].sum()
-        bins = expected > 5
-        chi2 = float((((counts[group] - expected) ** 2) / expected)[bins].sum())
-        dof = int(bins.sum()) - 1
-        assert chi2 < dof + 5 * math.sqrt(2 * dof)
+        assert chi_square_ok(counts[group], softmax_law(scores, temperature=temperature))
 
 
 def test_sampler_takes_rejection_for_flat_rows_and_rests_peaked_ones(monkeypatch):
