@@ -161,11 +161,11 @@ def load_run(
     return result
 
 
-def server_settings(env: dict[str, str]) -> Any:
-    """The Settings a server started with `env` (over this environment) runs with."""
+def server_settings(path: str, env: dict[str, str]) -> Any:
+    """The Settings a server of model `path` started with `env` (over this environment) runs with."""
     from llmapi.config import Settings
 
-    return Settings.from_env({**os.environ, "API_KEY": KEY, **env})
+    return Settings.from_env({**os.environ, "API_KEY": KEY, "MODEL_NAME": str(path), **env})
 
 
 def serve(path: str, size: str, mode: str, env: dict[str, str], plan: list[tuple[str, dict, int]], *, quick: bool):
@@ -173,7 +173,7 @@ def serve(path: str, size: str, mode: str, env: dict[str, str], plan: list[tuple
     print(f"server: {size}, ENGINE_MODE={mode} {env or ''} ...", file=sys.stderr)
     server = start(path, {"ENGINE_MODE": mode, **env})
     try:
-        workers = server_settings(env).workers
+        workers = server_settings(path, env).workers
         figures: dict[str, Any] = {"health_s": server.health_s}
         figures.update(warm(server, plan[0][1], workers))
         figures["memory_after_load"] = server.memory()
@@ -192,19 +192,18 @@ def serve(path: str, size: str, mode: str, env: dict[str, str], plan: list[tuple
 
 
 # Settings compared by --sweep, each against the defaults (DTYPE=auto: bf16 for the small model on this CPU, fp32
-# for the tiny one; WEB_CONCURRENCY=2, TORCH_THREADS=0 i.e. cores/workers, MAX_BATCH_SIZE=8), workers x torch
-# threads x MAX_BATCH_SIZE, in bf16 and in int8.
+# for the tiny one; WEB_CONCURRENCY=0: one worker for the small model, two for the tiny one and for int8;
+# TORCH_THREADS=0 i.e. cores / workers; MAX_BATCH_SIZE=0: 32 for one worker, 8 each for two), in bf16 and int8.
 ONE_BY_TWO = {"WEB_CONCURRENCY": "1", "TORCH_THREADS": "2"}
+TWO_BY_ONE = {"WEB_CONCURRENCY": "2", "TORCH_THREADS": "1"}
 INT8 = {"QUANTIZATION": "int8"}
 SWEEP: list[dict[str, str]] = [
     {},
-    {"MAX_BATCH_SIZE": "16"},
-    ONE_BY_TWO,
     {**ONE_BY_TWO, "MAX_BATCH_SIZE": "16"},
-    {**ONE_BY_TWO, "MAX_BATCH_SIZE": "32"},
+    TWO_BY_ONE,
+    {**TWO_BY_ONE, "MAX_BATCH_SIZE": "16"},
     INT8,
     {**INT8, "MAX_BATCH_SIZE": "16"},
-    {**INT8, **ONE_BY_TWO},
     {**INT8, **ONE_BY_TWO, "MAX_BATCH_SIZE": "32"},
 ]
 
@@ -220,9 +219,11 @@ def sweep(models: dict[str, str], payloads: dict[str, dict[str, Any]], *, quick:
     return figures
 
 
-# The llmapi servers --peers runs: the fp32 server as it was before DTYPE (the old defaults), today's, and int8.
+# The llmapi servers --peers runs: the fp32 server as it was before DTYPE (the old defaults), bf16 in that layout,
+# today's defaults (bf16, one worker of 2 threads and 32 rows on the small model), and int8 (two workers of 8 rows).
 PEER_VARIANTS = {
     "fp32 2x1 (before)": {"DTYPE": "float32", "WEB_CONCURRENCY": "2", "TORCH_THREADS": "1", "MAX_BATCH_SIZE": "8"},
+    "bf16 2x1": {"WEB_CONCURRENCY": "2", "TORCH_THREADS": "1", "MAX_BATCH_SIZE": "8"},
     "defaults": {},
     "int8": {"QUANTIZATION": "int8"},
 }
@@ -244,7 +245,7 @@ def peers(path: str, payloads: dict[str, dict[str, Any]], clients: list[int], *,
         )
     plan = [("greedy", payloads["greedy"], n) for n in clients]
     for name, env in PEER_VARIANTS.items():
-        settings = server_settings(env)
+        settings = server_settings(path, env)
         args = ["generate", "--model", path, "--env", json.dumps(env), "--threads", str(settings.threads_per_worker)]
         figures["generate"][name] = run_python(
             "bench.peers", *args, "--new-tokens", str(new_tokens), "--repeats", repeats

@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from llmapi import checkpoint
 from llmapi.cpus import available_cpus, nvidia_gpu_visible
 
 DEFAULT_MODEL = "sshleifer/tiny-gpt2"
@@ -17,6 +18,13 @@ DEFAULT_PREFIX_CACHE_MB = 512
 ENGINE_MODES = ("batch", "simple")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "int8")
+# From this size up a CPU serves with one worker that gives all its cores to one forward pass of a larger batch: a
+# step is arithmetic there, which torch's threads share, and one copy of the weights halves memory. Below it a step
+# is Python overhead (the 100K-parameter tiny model), which only a second process (a second GIL) runs in parallel.
+# The bf16 threshold, for the same reason (llmapi/engine/precision.py); the sweep in docs/performance.md.
+ONE_WORKER_MIN_PARAMETERS = 3_000_000
+ONE_WORKER_BATCH = 32  # rows one worker decodes at most when it serves alone
+SHARED_BATCH = 8  # per worker when several share the machine
 
 
 class ConfigError(ValueError):
@@ -101,10 +109,15 @@ class Settings:
     timeout_default_ms: int = env("GENERATION_TIMEOUT_MS", 60_000, doc="generation deadline when a request sets none")
     timeout_max_ms: int = env("GENERATION_TIMEOUT_MAX_MS", 120_000, doc="largest timeout_ms a request may ask for")
     torch_threads: int = env("TORCH_THREADS", 0, doc="torch threads per worker; 0 = cores / workers")
-    max_batch_size: int = env("MAX_BATCH_SIZE", 8, doc="most sequences decoded together in one worker")
+    max_batch_size: int = env(
+        "MAX_BATCH_SIZE", 0, doc="most sequences decoded together in one worker; 0 = 32 with one worker, else 8"
+    )
     batch_wait_ms: float = env("BATCH_WAIT_MS", 2.0, doc="how long a new batch waits for company")
     web_concurrency: int = env(
-        "WEB_CONCURRENCY", 0, doc="gunicorn worker processes, each with its own model; 0 = 1 on a GPU, else 2"
+        "WEB_CONCURRENCY",
+        0,
+        doc="gunicorn worker processes, each with its own model; 0 = 1 on a GPU or for a model of 3M parameters"
+        " or more on a CPU (int8 aside), else 2",
     )
     prefix_cache_mb: int = env(
         "PREFIX_CACHE_MB",
@@ -119,7 +132,7 @@ class Settings:
         64,
         doc="a longer prompt is read this many tokens per step, between the running rows' steps; 0 = at once",
     )
-    threads: int = env("GUNICORN_THREADS", 32, doc="gunicorn threads per worker (concurrent requests)")
+    threads: int = env("GUNICORN_THREADS", 64, doc="gunicorn threads per worker (concurrent requests)")
     bind: str = env("BIND", "0.0.0.0:8000", doc="address gunicorn listens on")
     log_level: str = env("LOG_LEVEL", "info", doc="debug, info, warning or error")
     served_model_name: str = env(
@@ -170,10 +183,22 @@ class Settings:
 
     @property
     def workers(self) -> int:
-        """gunicorn worker processes: WEB_CONCURRENCY, else one on a GPU (one copy of the model there), else 2."""
+        """gunicorn worker processes: WEB_CONCURRENCY, else one on a GPU or for a model of real size, else 2."""
         if self.web_concurrency > 0:
             return self.web_concurrency
-        return 1 if self.on_gpu else 2
+        if self.on_gpu:  # one copy of the model on the GPU
+            return 1
+        if self.quantization == "int8":  # fbgemm's dynamic int8 layers keep a second thread mostly idle: 1.2 cores
+            return 2
+        count = checkpoint.parameters(self.model_name, self.model_revision or None)
+        return 1 if count is not None and count >= ONE_WORKER_MIN_PARAMETERS else 2
+
+    @property
+    def batch_size(self) -> int:
+        """Rows one worker decodes at most: MAX_BATCH_SIZE, else 32 for a worker alone and 8 for each of several."""
+        if self.max_batch_size > 0:
+            return self.max_batch_size
+        return ONE_WORKER_BATCH if self.workers == 1 else SHARED_BATCH
 
     @property
     def threads_per_worker(self) -> int:
@@ -211,7 +236,6 @@ class Settings:
             "MAX_PROMPT_CHARS": self.max_prompt_chars,
             "MAX_BODY_BYTES": self.max_body_bytes,
             "GENERATION_TIMEOUT_MAX_MS": self.timeout_max_ms,
-            "MAX_BATCH_SIZE": self.max_batch_size,
             "GUNICORN_THREADS": self.threads,
             "OPENAI_MAX_CHOICES": self.openai_max_choices,
         }
@@ -228,8 +252,8 @@ class Settings:
                 f"GENERATION_TIMEOUT_MS must be between 1 and GENERATION_TIMEOUT_MAX_MS ({self.timeout_max_ms}),"
                 f" got {self.timeout_default_ms}"
             )
-        if self.torch_threads < 0 or self.batch_wait_ms < 0 or self.model_retry_seconds < 0:
-            raise ConfigError("TORCH_THREADS, BATCH_WAIT_MS and MODEL_RETRY_SECONDS must not be negative")
+        if min(self.torch_threads, self.max_batch_size, self.batch_wait_ms, self.model_retry_seconds) < 0:
+            raise ConfigError("TORCH_THREADS, MAX_BATCH_SIZE, BATCH_WAIT_MS, MODEL_RETRY_SECONDS must not be negative")
         self._check_model()
         self._check_prefill()
         if self.engine_mode not in ENGINE_MODES:
@@ -246,7 +270,7 @@ class Settings:
             raise ConfigError(f"DEVICE must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.web_concurrency < 0:
             raise ConfigError(
-                f"WEB_CONCURRENCY must be at least 1 (0 = 1 on a GPU, else 2), got {self.web_concurrency}"
+                f"WEB_CONCURRENCY must be at least 1 (0 = chosen for the model and device), got {self.web_concurrency}"
             )
         if self.quantization not in QUANTIZATIONS:
             raise ConfigError(f"QUANTIZATION must be none or int8, got {self.quantization!r}")

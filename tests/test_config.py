@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from llmapi import create_app
@@ -98,3 +100,71 @@ def test_openai_settings_come_from_the_environment():
 def test_openai_max_choices_must_be_positive():
     with pytest.raises(ConfigError, match="OPENAI_MAX_CHOICES"):
         Settings.from_env({"API_KEY": "k", "OPENAI_MAX_CHOICES": "0"})
+
+
+def write_checkpoint(directory, shapes: dict[str, tuple[int, ...]], name: str = "model.safetensors") -> None:
+    """A safetensors file of int8 zeros with these shapes (int8 keeps a 3M-parameter file at 3 MB)."""
+    import torch
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({key: torch.zeros(shape, dtype=torch.int8) for key, shape in shapes.items()}, str(directory / name))
+
+
+def test_checkpoint_parameters_are_counted_from_the_safetensors_headers(tiny_model, tmp_path):
+    from transformers import AutoConfig
+
+    from llmapi import checkpoint
+    from llmapi.engine.precision import count_parameters
+
+    assert checkpoint.parameters(tiny_model) == count_parameters(AutoConfig.from_pretrained(tiny_model))
+    write_checkpoint(tmp_path / "sharded", {"a": (1000, 1000)}, "model-1.safetensors")
+    write_checkpoint(tmp_path / "sharded", {"b": (7, 3), "c": (5,)}, "model-2.safetensors")
+    weight_map = {"a": "model-1.safetensors", "b": "model-2.safetensors", "c": "model-2.safetensors"}
+    (tmp_path / "sharded" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    assert checkpoint.parameters(str(tmp_path / "sharded")) == 1_000_026
+    (tmp_path / "pickled").mkdir()
+    (tmp_path / "pickled" / "pytorch_model.bin").write_bytes(b"\0" * 4000)
+    assert checkpoint.parameters(str(tmp_path / "pickled")) == 1000  # fp32 assumed: 4 bytes a parameter
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "model.safetensors").write_bytes(b"\xff" * 16)
+    assert checkpoint.parameters(str(tmp_path / "broken")) is None
+    assert checkpoint.parameters(str(tmp_path / "empty")) is None
+
+
+def test_checkpoint_of_a_hub_id_is_read_from_the_local_cache_only(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from llmapi import checkpoint
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    repo = tmp_path / "models--org--cached"
+    write_checkpoint(repo / "snapshots" / "abc123", {"w": (3000, 1000)})
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    assert checkpoint.parameters("org/cached") == 3_000_000
+    assert checkpoint.parameters("org/not-downloaded") is None
+
+
+@pytest.mark.parametrize(
+    ("shape", "env", "workers", "batch"),
+    [
+        ((3000, 1000), {}, 1, 32),  # 3M parameters: one worker with every core, a batch of 32
+        ((2999, 1000), {}, 2, 8),  # under the threshold: Python overhead, two workers of 8
+        ((3000, 1000), {"QUANTIZATION": "int8"}, 2, 8),  # int8's layers use one thread: two workers
+        ((3000, 1000), {"WEB_CONCURRENCY": "3"}, 3, 8),
+        ((3000, 1000), {"MAX_BATCH_SIZE": "12"}, 1, 12),
+    ],
+)
+def test_workers_and_batch_follow_the_model_size(tmp_path, monkeypatch, shape, env, workers, batch):
+    monkeypatch.setattr("llmapi.config.nvidia_gpu_visible", lambda: False)
+    write_checkpoint(tmp_path / "model", {"w": shape})
+    settings = Settings.from_env({"API_KEY": "k", "MODEL_NAME": str(tmp_path / "model"), **env})
+    assert (settings.workers, settings.batch_size) == (workers, batch)
+
+
+def test_the_tiny_model_keeps_two_workers(tiny_model, monkeypatch):
+    monkeypatch.setattr("llmapi.config.nvidia_gpu_visible", lambda: False)
+    monkeypatch.setattr("llmapi.config.available_cpus", lambda: 2)
+    settings = Settings.from_env({"API_KEY": "k", "MODEL_NAME": tiny_model})
+    assert (settings.workers, settings.batch_size, settings.threads_per_worker) == (2, 8, 1)

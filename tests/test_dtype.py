@@ -3,6 +3,8 @@ sampling, and batched-equals-solo and the seed promise within one dtype."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -200,6 +202,48 @@ def test_int8_quantizes_every_linear_layer_and_stays_close_to_fp32(tiny_model):
     engine = create_engine(tiny_model, threads=1, quantization="int8")
     assert engine.placement == {"device": "cpu", "dtype": "int8"}
     assert engine.generate(GenerationRequest(prompt="Hello", max_new_tokens=6, min_new_tokens=6)).completion_tokens == 6
+
+
+MAPPED = """
+import gc, sys
+from llmapi.engine.loader import load
+loaded = load(sys.argv[1], quantization=sys.argv[2])
+gc.collect()
+print(any(sys.argv[1] in line for line in open("/proc/self/maps")))
+"""
+
+
+@pytest.mark.parametrize(("quantization", "mapped"), [("none", True), ("int8", False)])
+def test_int8_lets_the_checkpoint_mmap_go(tiny_model, quantization, mapped):
+    """fp32 tensors are views of the mapped file; after int8 every tensor left is owned, the biases the quantized
+    layers keep included, so no page of the file stays resident for the worker's life (a process of its own: other
+    tests' engines map the file too)."""
+    import subprocess
+    import sys
+
+    path = str(Path(tiny_model).resolve())
+    done = subprocess.run([sys.executable, "-c", MAPPED, path, quantization], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == str(mapped)
+
+
+def test_gpt2_tanh_gelu_is_torch_fused_one_and_computes_the_same(tiny_model):
+    from transformers import AutoModelForCausalLM
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    from llmapi.engine.loader import fuse_tanh_gelu, load
+
+    kinds = {type(m) for m in load(tiny_model).model.modules()}
+    assert GELUTanh in kinds and NewGELUActivation not in kinds
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    fused = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    assert fuse_tanh_gelu(fused) == reference.config.n_layer and fuse_tanh_gelu(fused) == 0
+    x = torch.linspace(-8, 8, 4001)
+    assert torch.allclose(GELUTanh()(x), NewGELUActivation()(x), atol=1e-6)
+    ids = torch.tensor([[464, 3290, 318, 257, 922, 286]])
+    with torch.inference_mode():
+        a, b = reference(input_ids=ids).logits, fused(input_ids=ids).logits
+    assert torch.allclose(a, b, atol=1e-5)
 
 
 def test_simple_engine_runs_in_bf16(tiny_model):

@@ -148,6 +148,23 @@ def quantize_int8(model: Any) -> Any:
                 linear.weight = torch.nn.Parameter(child.weight.detach().t().contiguous())
                 linear.bias = child.bias
                 setattr(module, name, linear)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module.bias is not None:
+            # The quantized layer keeps the very bias tensor it is given: an owned copy lets the mmap go.
+            module.bias = torch.nn.Parameter(module.bias.detach().clone())
     with warnings.catch_warnings():  # torch 2.13 calls its quantized tensors deprecated (torchao succeeds them)
         warnings.simplefilter("ignore", UserWarning)
-        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+    own_tensors(model)
+    return model
+
+
+def own_tensors(model: Any) -> None:
+    """Copy the float tensors left after quantizing (embeddings, norms, biases) out of the checkpoint's mmap.
+
+    transformers reads safetensors through mmap and the loaded tensors are views of it. Quantizing replaces most
+    of them, but while one view (the embedding) lives the whole file stays mapped, and every page the load
+    touched stays resident: measured on the small model, 471 MiB of a 1,103 MiB worker.
+    """
+    for tensor in [*model.parameters(), *model.buffers()]:
+        tensor.data = tensor.data.clone()

@@ -32,7 +32,7 @@ def load_engine(settings: Settings) -> EngineLike:
         settings.model_name,
         revision=settings.model_revision or None,
         threads=settings.threads_per_worker,
-        max_batch_size=settings.max_batch_size,
+        max_batch_size=settings.batch_size,
         batch_wait_ms=settings.batch_wait_ms,
         prefix_cache_mb=settings.prefix_cache_mb,
         prefix_cache_block_tokens=settings.prefix_cache_block_tokens,
