@@ -37,6 +37,48 @@ def test_batch_rows_joining_a_running_batch_match_alone(sharp):
     assert ended.finish_reason == "cancelled"  # the running row was still going when they finished
 
 
+def test_batch_a_far_longer_row_decodes_in_a_lane_apart_and_matches_alone(sharp):
+    """A prompt of ~900 tokens among short streams would pad each of them to its length: it gets a lane of its own
+    (one row in its forward passes), a short newcomer still joins the streams, and every text matches alone."""
+    streams = [
+        GenerationRequest(prompt=f"Stream {i}", max_new_tokens=300, min_new_tokens=300, stream=True) for i in range(3)
+    ]
+    long = GenerationRequest(prompt=" ".join(["tokens prompts and completions"] * 170), max_new_tokens=12, stream=True)
+    short = GenerationRequest(prompt=PROMPT, max_new_tokens=8, min_new_tokens=8)
+    alone = [sharp.generate(request) for request in [*streams, long, short]]
+    assert len(sharp.prompt_ids(long)) > 800
+    handles = [sharp.submit(request) for request in streams]
+    for handle in handles:  # every stream decoding before the long prompt arrives
+        assert isinstance(next(handle.pieces()), str)
+    late = [sharp.submit(long)]
+    assert isinstance(next(late[0].pieces()), str)  # decoding (its own prefill: not batched with the next one)
+    late.append(sharp.submit(short))
+    results = [handle.result() for handle in [*handles, *late]]
+    assert [r.text for r in results] == [r.text for r in alone]
+    assert results[3].timings["batch_size"] == 1.0  # the long row: alone in its lane
+    assert results[4].timings["batch_size"] > 1.0  # the short one: merged into the streams' lane
+
+
+def test_lanes_are_kept_apart_only_when_merging_would_double_the_cells_read():
+    import torch
+
+    from llmapi.engine.batching import MIN_PADDING_CELLS, Lane, apart, padding_cells
+
+    class Row:
+        solo = False
+
+    def lane(rows: int, width: int) -> Lane:
+        mask = torch.ones((rows, width), dtype=torch.long)
+        return Lane([Row() for _ in range(rows)], None, mask, mask[:, -1:], padded=False)
+
+    assert padding_cells(lane(6, 70), lane(1, 900)) == 7 * 900 - 6 * 70 - 900
+    assert apart(lane(6, 70), lane(1, 900))  # streams and a long prompt
+    assert not apart(lane(8, 620), lane(1, 640))  # chat turns behind one system prompt
+    assert not apart(lane(1, 10), lane(1, 40))  # far more than double, but a few cells: one pass is cheaper
+    width = (MIN_PADDING_CELLS + 40) // 4  # 4 rows of 10 and one of `width` add 4 x width - 40 cells
+    assert not apart(lane(4, 10), lane(1, width - 1)) and apart(lane(4, 10), lane(1, width))
+
+
 def test_batch_finished_row_leaves_at_once(sharp):
     runner, pieces = start_long_stream(sharp)
     short = sharp.submit(GenerationRequest(prompt=PROMPT, max_new_tokens=2)).result()

@@ -281,6 +281,30 @@ def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
 
+# Keeping a long lane apart from short ones (Engine._add_lane): at least this many padding cells (rows x columns)
+# would have to be added, below which one more forward pass per step costs more than the padding; and at most
+# this many shared lanes step side by side.
+MIN_PADDING_CELLS = 2048
+MAX_SHARED_LANES = 2
+
+
+def cells(lane: Lane) -> int:
+    """Rows x columns: what a step's attention reads of the lane's cache."""
+    return len(lane.rows) * lane.mask.shape[1]
+
+
+def padding_cells(shared: Lane, other: Lane) -> int:
+    """The cells merging `other` into `shared` would add beyond the two lanes' own."""
+    width = max(shared.mask.shape[1], other.mask.shape[1])
+    return (len(shared.rows) + len(other.rows)) * width - cells(shared) - cells(other)
+
+
+def apart(shared: Lane, other: Lane) -> bool:
+    """Whether `other` should decode in a lane of its own: merging would more than double the cells read."""
+    added = padding_cells(shared, other)
+    return added >= MIN_PADDING_CELLS and added > cells(shared) + cells(other)
+
+
 def mergeable(cache: Any) -> bool:
     """Whether a cache is a list of plain growing layers, the kind whose rows can be padded and merged."""
     layers = getattr(cache, "layers", None)
@@ -524,12 +548,23 @@ class Engine(ModelFront):
             cache.store(row.prompt_ids[:full], row_kv(lane.cache, i, columns), start=start)
 
     def _add_lane(self, lane: Lane) -> None:
-        """Merge a freshly prefilled lane into the shared lane when there is one, else keep it as its own."""
+        """Merge a freshly prefilled lane into the shared lane it pads least, unless it is far longer: then its own.
+
+        Rows of one lane are left-padded to its longest, and every step's attention (and the cache's growth) reads
+        every column of every row: a 900-token prompt merged among short streams made each of their steps several
+        times dearer for as long as it decoded. A lane apart costs one more forward pass per step instead, so it
+        is kept apart only when merging would more than double the columns read and by MIN_PADDING_CELLS at least,
+        and there are never more than MAX_SHARED_LANES.
+        """
         if not lane.rows:
             return
-        shared = next((other for other in self._lanes if not other.solo and other.rows), None)
-        if not lane.solo and shared is not None and mergeable(shared.cache) and mergeable(lane.cache):
-            shared.merge(lane)
+        shared = [other for other in self._lanes if not other.solo and other.rows and mergeable(other.cache)]
+        if lane.solo or not shared or not mergeable(lane.cache):
+            self._lanes.append(lane)
+            return
+        closest = min(shared, key=lambda other: padding_cells(other, lane))
+        if len(shared) >= MAX_SHARED_LANES or not apart(closest, lane):
+            closest.merge(lane)
         else:
             self._lanes.append(lane)
 
