@@ -357,7 +357,8 @@ def finish(results: dict[str, Any], out: Path | None, text: str) -> int:
     print(f"\nJSON: {out}")
     if "sweep" not in results:
         try:
-            print(f"chart: {chart.draw(results, out.with_suffix('.png'))}")
+            drawn = chart.draw(results, out.with_suffix(".png"))
+            print(f"chart: {drawn}" if drawn else "chart: none (no load curves in this run)")
         except ImportError:
             print("chart: matplotlib is not installed (pip install -e .[bench])")
     return 0

@@ -47,8 +47,10 @@ def series(results: dict[str, Any]) -> dict[str, dict[str, Series]]:
     return models
 
 
-def draw(results: dict[str, Any], out: Path) -> Path:
-    """Write the chart to `out` (PNG) and return it."""
+def draw(results: dict[str, Any], out: Path) -> Path | None:
+    """Write the chart to `out` (PNG) and return it; None when the run has no load curves (--only-chat)."""
+    if not series(results):
+        return None
     import matplotlib
 
     matplotlib.use("Agg")

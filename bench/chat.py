@@ -80,6 +80,13 @@ def workloads(model: str) -> dict[str, list[dict[str, Any]]]:
     }
 
 
+def workers(path: str, env: dict[str, str]) -> int:
+    """How many workers a server of `path` started with `env` runs (each is warmed before a window)."""
+    from bench.__main__ import server_settings
+
+    return server_settings(path, env).workers
+
+
 def stream_run(server: Server, groups: list[dict[str, Any]], window: tuple[float, float]) -> dict[str, Any]:
     """One stream_load run in its own process."""
     from bench.__main__ import QUIET_WAIT_S, run_python, wait_for_quiet
@@ -107,7 +114,7 @@ def suite(
         print(f"chat workloads: {size}, features {label} ...", file=sys.stderr)
         server = start(path, {"ENGINE_MODE": "batch", "SERVED_MODEL_NAME": path, **env}, timeout=120)
         try:
-            warm(server, {"prompt": "Hello", "max_new_tokens": 2}, 2)
+            warm(server, {"prompt": "Hello", "max_new_tokens": 2}, workers(path, env))
             runs: dict[str, Any] = {}
             for name, groups in served.items():
                 print(f"  {name}", file=sys.stderr)
@@ -130,7 +137,7 @@ def soak(path: str, seconds: float, *, cache_mb: str | None = None) -> dict[str,
     body = {"model": path, "prompt": "Prefix {n}. " + text_of(600, path), "max_tokens": 4, "temperature": 0}
     groups = [{"name": "soak", "path": "/v1/completions", "body": body, "clients": 4, "stream": False}]
     try:
-        warm(server, {"prompt": "Hello", "max_new_tokens": 2}, 2)
+        warm(server, {"prompt": "Hello", "max_new_tokens": 2}, workers(path, env))
         import subprocess
 
         loader = subprocess.Popen(

@@ -37,8 +37,12 @@ def floor(model: Any, batch: int, new_tokens: int) -> None:
         out = model(input_ids=next_ids, cache=out.cache, use_cache=True)
 
 
-def variants(n_embd: int, n_layer: int, n_head: int, *, int8: bool) -> dict[str, Any]:
-    """The same random model in fp32, bf16 and (if asked) dynamic int8."""
+def variants(n_embd: int, n_layer: int, n_head: int, *, int8: bool, gelu: bool = False) -> dict[str, Any]:
+    """The same random model in fp32, bf16 and (if asked) dynamic int8; with `gelu`, each also with the fused GELU.
+
+    transformers builds GPT-2 with its Python NewGELUActivation; the service's loader swaps in torch's fused one
+    (loader.fuse_tanh_gelu), so the unfused variants are what a plain transformers loop runs.
+    """
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -50,6 +54,12 @@ def variants(n_embd: int, n_layer: int, n_head: int, *, int8: bool) -> dict[str,
     models = {"float32": fp32, "bfloat16": copy.deepcopy(fp32).to(torch.bfloat16)}
     if int8:
         models["int8"] = quantize_int8(copy.deepcopy(fp32))
+    if gelu:
+        from llmapi.engine.loader import fuse_tanh_gelu
+
+        for name in list(models):
+            models[f"{name}+gelu"] = copy.deepcopy(models[name])
+            fuse_tanh_gelu(models[f"{name}+gelu"])
     return models
 
 
@@ -79,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--shapes", default=",".join(s[0] for s in SHAPES))
     parser.add_argument("--int8", action="store_true", help="also torch's dynamic int8 (QUANTIZATION=int8)")
+    parser.add_argument("--gelu", action="store_true", help="also each with torch's fused GELU (as the loader does)")
+    parser.add_argument("--batches", default="1,8")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     wanted = set(args.shapes.split(","))
@@ -87,9 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, n_embd, n_layer, n_head in SHAPES:
         if name not in wanted:
             continue
-        models = variants(n_embd, n_layer, n_head, int8=args.int8)
+        models = variants(n_embd, n_layer, n_head, int8=args.int8, gelu=args.gelu)
         parameters = sum(p.numel() for p in models["float32"].parameters())
-        for batch in (1, 8):
+        for batch in (int(b) for b in args.batches.split(",")):
             rates = measure(models, batch, args.new_tokens, args.rounds)
             cells = "  ".join(f"{k} {v:8.1f} (x{v / rates['float32']:.2f})" for k, v in rates.items())
             print(f"{name:6} {parameters:>12,} params  batch {batch}:  {cells}", flush=True)

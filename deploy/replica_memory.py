@@ -1,6 +1,6 @@
 """Print what one replica costs in memory: a real gunicorn on loopback, every worker's model loaded.
 
-    python deploy/replica_memory.py --model models/tiny-gpt2 --workers 2 [--full-batches]
+    python deploy/replica_memory.py --model models/tiny-gpt2 [--workers 2] [--full-batches]
 
 Starts `gunicorn -c gunicorn.conf.py wsgi:app` (the image's command) on a free loopback port, sends
 generate requests until every worker has loaded its model (bounded in count), then prints each
@@ -97,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     """Measure one replica and print a table."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="MODEL_NAME: a local model directory")
-    parser.add_argument("--workers", type=int, default=2, help="WEB_CONCURRENCY")
-    parser.add_argument("--full-batches", action="store_true", help="fill every batch (MAX_BATCH_SIZE 8) first")
+    parser.add_argument("--workers", type=int, default=0, help="WEB_CONCURRENCY (0: as the server chooses)")
+    parser.add_argument("--full-batches", action="store_true", help="fill every batch (MAX_BATCH_SIZE) first")
     args = parser.parse_args(argv)
     port = free_port()
     env = {
@@ -109,16 +109,19 @@ def main(argv: list[str] | None = None) -> int:
         "BIND": f"127.0.0.1:{port}",
         "HF_HUB_OFFLINE": "1",
     }
+    from llmapi.config import Settings
+
+    settings = Settings.from_env(env)  # what the server will choose: its workers and rows per batch
     cmd = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"]
     process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         url = f"http://127.0.0.1:{port}"
         wait_for_health(url, process)
-        pids = load_every_worker(url, process.pid, args.workers)
+        pids = load_every_worker(url, process.pid, settings.workers)
         if args.full_batches:
-            fill_batches(url, 8 * args.workers)
+            fill_batches(url, settings.batch_size * settings.workers)
         rows = [("master", process.pid), *(("worker", pid) for pid in pids)]
-        print(f"model {args.model}, {args.workers} worker(s)")
+        print(f"model {args.model}, {settings.workers} worker(s), {settings.batch_size} rows each")
         print(f"{'process':8} {'pid':>8} {'RSS MiB':>9} {'PSS MiB':>9} {'HWM MiB':>9}")
         totals = dict.fromkeys(("Rss", "Pss", "VmHWM"), 0)
         for role, pid in [*rows, ("replica", None)]:
