@@ -187,21 +187,31 @@ class ResponseFormatField(fields.Field):
         kind = value["type"]
         if set(value) - {"type", "json_schema"}:
             raise ValidationError("response_format takes type and json_schema.")
+        spec = value.get("json_schema")
+        if "json_schema" in value or kind == "json_schema":  # checked whatever the type, as the spec declares it
+            _check_json_schema(spec)
         if kind == "text":
             return None
         if kind == "json_object":
             return Grammar("json_object")
-        spec = value.get("json_schema")
-        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or len(spec["name"]) > MAX_SCHEMA_NAME:
-            raise ValidationError(f"json_schema must be an object with a name of at most {MAX_SCHEMA_NAME} characters.")
-        if set(spec) - {"name", "description", "schema", "strict"}:
-            raise ValidationError("json_schema takes name, description, schema and strict.")
-        if spec.get("strict") not in (None, True, False):
-            raise ValidationError("json_schema.strict must be a boolean.")
         try:
             return Grammar("json_schema", schema_source(spec.get("schema", {})))
         except ValidationError as exc:
             raise ValidationError(f"json_schema.schema: {exc.messages[0]}") from exc
+
+
+def _check_json_schema(spec: Any) -> None:
+    """Refuse a json_schema object that its declared shape (name required, four fields) does not allow."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or len(spec["name"]) > MAX_SCHEMA_NAME:
+        raise ValidationError(f"json_schema must be an object with a name of at most {MAX_SCHEMA_NAME} characters.")
+    if set(spec) - {"name", "description", "schema", "strict"}:
+        raise ValidationError("json_schema takes name, description, schema and strict.")
+    if not isinstance(spec.get("description", ""), str):
+        raise ValidationError("json_schema.description must be a string.")
+    if not isinstance(spec.get("schema", {}), dict):
+        raise ValidationError("json_schema.schema must be an object.")
+    if spec.get("strict") not in (None, True, False):
+        raise ValidationError("json_schema.strict must be a boolean.")
 
 
 class StreamOptionsSchema(Schema):
