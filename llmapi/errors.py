@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from flask import Flask, Response, jsonify
 from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException
 
-from llmapi.engine.types import EngineError, ModelUnavailable
+from llmapi.engine.types import EngineError, InvalidRequest, ModelUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,18 @@ def from_engine_error(exc: EngineError) -> APIError:
         return APIError(str(exc), status=503, headers={"Retry-After": str(exc.retry_after())})
     log.error("engine error: %s", exc)
     return APIError("The server failed to generate a response.", status=500)
+
+
+def refusal(status: int, rename: Mapping[str, str] | None = None) -> Callable[[InvalidRequest], Response]:
+    """The handler of the engine's InvalidRequest in one API's dialect: its status, its names for the params."""
+    names = rename or {}
+
+    def refused(exc: InvalidRequest) -> Response:
+        """The engine cannot serve the request as asked (a token id outside the vocabulary, a schema it cannot
+        compile, a feature this engine lacks): the client's error."""
+        return respond(APIError(str(exc), status=status, param=names.get(exc.param or "", exc.param)))
+
+    return refused
 
 
 def in_band(exc: Exception) -> dict[str, Any]:

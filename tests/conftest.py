@@ -95,6 +95,10 @@ class FakeEngine:
         """'x' repeated per id, words joined by spaces."""
         return " ".join("x" * i for i in ids)
 
+    def outside(self, ids: Sequence[int]) -> int | None:
+        """The first id at or above the vocabulary size, as the real engines answer it."""
+        return next((token for token in ids if token >= self.vocab_size), None)
+
 
 @pytest.fixture
 def fake_engine() -> FakeEngine:
@@ -155,6 +159,14 @@ def tiny_model() -> str:
 
         build(path, size="tiny")
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model: str):
+    """The tiny model's tokenizer, to count and read tokens apart from the server (shared: never changed)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model)
 
 
 @pytest.fixture(scope="session")

@@ -38,13 +38,6 @@ def client(server: Server) -> Iterator[openai.OpenAI]:
         yield client
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model: str):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_model)
-
-
 def test_client_reads_completion_logprobs(client):
     choice = client.completions.create(model=SERVED, prompt=PROMPT, max_tokens=4, temperature=0, logprobs=2).choices[0]
     logprobs = choice.logprobs

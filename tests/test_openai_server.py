@@ -31,14 +31,6 @@ def client(server: Server) -> Iterator[openai.OpenAI]:
         yield client
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model: str):
-    """The served model's tokenizer, to count tokens independently of the server."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_model)
-
-
 def greedy(client: openai.OpenAI, prompt: str, **kwargs) -> str:
     """The greedy completion of `prompt`."""
     return client.completions.create(model=SERVED, prompt=prompt, temperature=0, **kwargs).choices[0].text

@@ -7,13 +7,6 @@ import pytest
 from llmapi.engine.text import IncrementalDecoder, StopMatcher
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_model)
-
-
 @pytest.mark.parametrize(
     "text", ["héllo wörld", "日本語のテキスト", "emoji 🎉🚀 end", "plain ascii text, with commas."]
 )

@@ -26,12 +26,16 @@ class ModelFront:
         """How many logits a forward pass gives per position (token ids are below it)."""
         return int(getattr(self.loaded.model.config, "vocab_size", 0) or len(self.loaded.tokenizer))
 
+    def outside(self, ids: Sequence[int]) -> int | None:
+        """The first of `ids` that is no token id of this model (at or above its vocabulary size), if any."""
+        return next((token for token in ids if token >= self.vocab_size), None)
+
     def check_request(self, request: GenerationRequest) -> None:
         """Refuse what the model cannot take: logit_bias on a token id outside its vocabulary."""
-        outside = [token for token, _ in request.logit_bias if token >= self.vocab_size]
-        if outside:
+        token = self.outside([token for token, _ in request.logit_bias])
+        if token is not None:
             raise InvalidRequest(
-                f"logit_bias names token {outside[0]}, but this model's token ids stop at {self.vocab_size - 1}.",
+                f"logit_bias names token {token}, but this model's token ids stop at {self.vocab_size - 1}.",
                 param="logit_bias",
             )
 
@@ -89,10 +93,10 @@ class ModelFront:
         """Tokenize the prompt (or take its ids); raise ContextLengthExceeded when it and the new tokens cannot fit."""
         if request.prompt_ids is not None:
             ids = list(request.prompt_ids)
-            outside = [token for token in ids if token >= self.vocab_size]
-            if outside:
+            token = self.outside(ids)
+            if token is not None:
                 raise InvalidRequest(
-                    f"The prompt holds token {outside[0]}, but this model's token ids stop at {self.vocab_size - 1}.",
+                    f"The prompt holds token {token}, but this model's token ids stop at {self.vocab_size - 1}.",
                     param="prompt",
                 )
         else:

@@ -121,23 +121,18 @@ class Row:
 
     @property
     def needs_prompt_logprobs(self) -> bool:
-        """Whether this row's prefill must keep every prompt position's logits: such a row must run its whole
-        prompt (bypass any prefix cache, as vLLM does), since cached positions would have no logits to score."""
-        return self.request.needs_prompt_logprobs
+        """Whether this row's prefill must keep every prompt position's logits (prompt logprobs: echo with logprobs).
 
-    @property
-    def full_prefill(self) -> bool:
-        """Whether this row needs the logits of every prompt position (prompt logprobs: echo with logprobs).
-
-        Such a row reads its whole prompt in one pass: no prefix cache, no chunks. The hook for prompt logprobs.
+        Such a row reads its whole prompt in one pass: no prefix cache (as vLLM does: cached positions would have
+        no logits to score), no chunks.
         """
-        return self.needs_prompt_logprobs
+        return self.request.needs_prompt_logprobs
 
     @property
     def uses_prefix_cache(self) -> bool:
         """Whether this row may start after a cached prefix: not a seeded row (its arithmetic must not depend on
         what ran before it: the seed promise), nor one that needs every prompt position's logits."""
-        return not self.solo and not self.full_prefill
+        return not self.solo and not self.needs_prompt_logprobs
 
     @property
     def generated(self) -> int:
@@ -373,7 +368,7 @@ class Engine(ModelFront):
             waiting = len(self._pending)
         # A finished row stays in its lane until the end of its step; its caller may have its result already.
         decoding = sum(row.finish_reason is None for lane in list(self._lanes) for row in list(lane.rows))
-        prefilling = sum(len(job.rows) for job in list(self._prefilling))
+        prefilling = self._prefilling_rows()
         return {
             **model_facts(self.loaded),
             "engine_mode": "batch",
@@ -442,7 +437,7 @@ class Engine(ModelFront):
                 self._wait_for_company()
             if self._closing:
                 return []
-            room = self.max_batch_size - self._decoding() - sum(len(job.rows) for job in self._prefilling)
+            room = self.max_batch_size - self._decoding() - self._prefilling_rows()
             if not self._pending or room <= 0:
                 return []
             waited = time.monotonic() - self._pending[0].submitted
@@ -473,7 +468,7 @@ class Engine(ModelFront):
             row.timings["queue_s"] = now - row.submitted
             start = self._cached_prefix(row)
             row.cached_tokens = start[0]
-            if row.full_prefill:
+            if row.needs_prompt_logprobs:
                 self._prefilling.append(self._job([row], [start], chunked=False, all_logits=True))
             elif self.chunk_tokens and len(row.prompt_ids) - start[0] > self.chunk_tokens:
                 self._prefilling.append(self._job([row], [start], chunked=True))
@@ -635,12 +630,16 @@ class Engine(ModelFront):
         """Rows in the lanes (decoding)."""
         return sum(len(lane.rows) for lane in self._lanes)
 
+    def _prefilling_rows(self) -> int:
+        """Rows in the prefill jobs (their prompts being read)."""
+        return sum(len(job.rows) for job in list(self._prefilling))
+
     def queue_stats(self) -> EngineStats:
         """A snapshot of the queue and the prefix cache, for the metrics (on_stats)."""
         cache = self.prefix_cache.stats()
         return EngineStats(
             waiting=len(self._pending),
-            prefilling=sum(len(job.rows) for job in self._prefilling),
+            prefilling=self._prefilling_rows(),
             decoding=self._decoding(),
             prefix_cache_bytes=cache.bytes,
             prefix_cache_capacity_bytes=cache.capacity_bytes,

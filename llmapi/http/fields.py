@@ -158,6 +158,8 @@ def schema_source(schema: Any) -> str:
 
 
 MAX_PENALTY = 2.0  # frequency_penalty and presence_penalty: OpenAI's range, -2 to 2, on every API
+MAX_TOP_K = 1_000_000  # top_k on every API
+MAX_REPETITION_PENALTY = 100.0  # repetition_penalty (CTRL's) on every API
 
 
 class PenaltiesSchema(Schema):

@@ -18,12 +18,14 @@ from llmapi.engine.types import (
     InvalidRequest,
     TokenLogprob,
 )
-from llmapi.errors import APIError, respond
+from llmapi.errors import APIError, refusal, respond
 from llmapi.http.answer import answer
 from llmapi.http.fields import (
+    MAX_REPETITION_PENALTY,
     MAX_SCHEMA_CHARS,
     MAX_SEED,
     MAX_STOP_SEQUENCES,
+    MAX_TOP_K,
     ErrorSchema,
     PenaltiesSchema,
     StopField,
@@ -42,8 +44,6 @@ from llmapi.runtime.runner import Event
 # transformers' generate takes any positive temperature; this API follows it up to a bound where sampling is
 # already uniform (OpenAI's /v1 stops at 2, its own documented range: see http/openai/schemas.py).
 MAX_TEMPERATURE = 100.0
-MAX_TOP_K = 1_000_000
-MAX_REPETITION_PENALTY = 100.0
 MAX_TOP_N_TOKENS = 5  # alternatives per position in details, as TGI allows
 VALIDATION_STATUS = 422  # this API's answer to a body its schema refuses (/v1 answers 400, as OpenAI does)
 SAMPLING_KEYS = ("temperature", "top_p", "top_k")
@@ -270,11 +270,6 @@ def context_too_long(exc: ContextLengthExceeded) -> Response:
     return respond(APIError(str(exc), status=422, param="max_new_tokens"))
 
 
-def refused(exc: InvalidRequest) -> Response:
-    """The engine cannot serve the body as asked (a token id outside the vocabulary, a schema it cannot compile)."""
-    return respond(APIError(str(exc), status=VALIDATION_STATUS, param=exc.param))
-
-
 def request_examples(settings: Settings) -> dict[str, dict[str, Any]]:
     """Named POST /generate bodies; the first, the README's curl example, is what Try it out starts with."""
     tokens = min(40, settings.max_new_tokens_limit)
@@ -317,7 +312,7 @@ def create_blueprint(settings: Settings) -> Blueprint:
     blp.before_request(require_api_key)
     blp.before_request(require_json)
     blp.register_error_handler(ContextLengthExceeded, context_too_long)
-    blp.register_error_handler(InvalidRequest, refused)
+    blp.register_error_handler(InvalidRequest, refusal(VALIDATION_STATUS))
 
     @blp.route("/generate", methods=["POST"])
     # An instance, not the class: webargs would otherwise build (and deep-copy the fields of) one per request.

@@ -16,7 +16,7 @@ from marshmallow.validate import Length, Range
 
 from llmapi.config import Settings
 from llmapi.engine.types import InvalidRequest
-from llmapi.errors import APIError, respond
+from llmapi.errors import refusal
 from llmapi.http.fields import MAX_TOKEN_ID, ErrorSchema, StrictBoolean, StrictInteger, Text
 from llmapi.http.hooks import require_api_key, require_json
 from llmapi.http.openai.schemas import MAX_MESSAGES, MAX_MODEL_CHARS, ContentField, MessageSchema
@@ -81,18 +81,13 @@ def schemas(settings: Settings) -> tuple[type[Schema], type[Schema]]:
     return TokenizeRequestSchema, DetokenizeRequestSchema
 
 
-def refused(exc: InvalidRequest) -> Any:
-    """A token id outside the vocabulary: the client's 400."""
-    return respond(APIError(str(exc), status=VALIDATION_STATUS, param=exc.param))
-
-
 def create_blueprint(settings: Settings) -> Blueprint:
     """Build the /tokenize and /detokenize blueprint."""
     tokenize_schema, detokenize_schema = schemas(settings)
     blp = Blueprint("tokens", __name__, description="Count and read tokens with the served model's tokenizer.")
     blp.before_request(require_api_key)
     blp.before_request(require_json)
-    blp.register_error_handler(InvalidRequest, refused)
+    blp.register_error_handler(InvalidRequest, refusal(VALIDATION_STATUS))
 
     @blp.route("/tokenize", methods=["POST"])
     @blp.arguments(tokenize_schema(), error_status_code=VALIDATION_STATUS)
@@ -119,11 +114,10 @@ def create_blueprint(settings: Settings) -> Blueprint:
     def detokenize(args: dict[str, Any]) -> dict[str, Any]:
         """Turn token ids back into text (special tokens left out)."""
         with admitted(engine_service()) as engine:
-            outside = [token for token in args["tokens"] if token >= engine.vocab_size]
-            if outside:
+            token = engine.outside(args["tokens"])
+            if token is not None:
                 raise InvalidRequest(
-                    f"Token {outside[0]} is outside this model's vocabulary ({engine.vocab_size} tokens).",
-                    param="tokens",
+                    f"Token {token} is outside this model's vocabulary ({engine.vocab_size} tokens).", param="tokens"
                 )
             return {"prompt": engine.decode(args["tokens"])}
 

@@ -12,7 +12,7 @@ from marshmallow import Schema
 from llmapi.config import Settings
 from llmapi.engine.chat import ChatTemplateError
 from llmapi.engine.types import ContextLengthExceeded, GenerationRequest, InvalidRequest
-from llmapi.errors import APIError, respond
+from llmapi.errors import APIError, refusal, respond
 from llmapi.http.answer import answer
 from llmapi.http.fields import MAX_SEED, ErrorSchema
 from llmapi.http.hooks import require_api_key, require_json
@@ -29,7 +29,8 @@ from llmapi.http.openai.schemas import (
 # This API's error dialect, declared once: a refused body is OpenAI's 400 (/generate answers 422), and a
 # request too long for the context names the part the client can shorten.
 VALIDATION_STATUS = 400
-GRAMMAR_KINDS = ("json_object", "json_schema", "ebnf")  # what the engine names a grammar it refused by
+# The engine names a grammar it refused by its kind; OpenAI's clients know it as response_format.
+RENAMED = {kind: "response_format" for kind in ("json_object", "json_schema", "ebnf")}
 CONTEXT_PARAM = {"openai.completions": "prompt", "openai.chat_completions": "messages"}
 ERRORS = [
     (400, "Invalid parameters, an unsupported parameter, or too long for the context"),
@@ -56,17 +57,11 @@ def chat_refused(exc: ChatTemplateError) -> Response:
     return respond(APIError(str(exc), status=400, param="messages"))
 
 
-def refused(exc: InvalidRequest) -> Response:
-    """The engine cannot serve the request as asked (a token id outside the vocabulary, a schema it cannot compile)."""
-    param = "response_format" if exc.param in GRAMMAR_KINDS else exc.param
-    return respond(APIError(str(exc), status=VALIDATION_STATUS, param=param))
-
-
 def register_errors(blp: Blueprint) -> None:
     """Install this API's error dialect on its blueprint."""
     blp.register_error_handler(ContextLengthExceeded, context_too_long)
     blp.register_error_handler(ChatTemplateError, chat_refused)
-    blp.register_error_handler(InvalidRequest, refused)
+    blp.register_error_handler(InvalidRequest, refusal(VALIDATION_STATUS, RENAMED))
 
 
 def choice_seed(seed: int | None, index: int) -> int | None:

@@ -13,8 +13,10 @@ from llmapi.config import Settings
 from llmapi.engine.chat import ROLES
 from llmapi.engine.types import Grammar
 from llmapi.http.fields import (
+    MAX_REPETITION_PENALTY,
     MAX_SEED,
     MAX_TOKEN_ID,
+    MAX_TOP_K,
     PenaltiesSchema,
     StopField,
     StrictBoolean,
@@ -32,8 +34,6 @@ MAX_USER_CHARS = 256
 MAX_TEMPERATURE = 2.0  # OpenAI's documented range (/generate follows transformers' wider one)
 MAX_COMPLETION_LOGPROBS = 5  # /v1/completions' logprobs, as OpenAI's legacy API
 MAX_TOP_LOGPROBS = 20  # /v1/chat/completions' top_logprobs
-MAX_TOP_K = 1_000_000
-MAX_REPETITION_PENALTY = 100.0
 MAX_SCHEMA_NAME = 64
 CHUNK_EVENT_SCHEMA = event_schema("JSON: a chunk (or an error object), or `[DONE]` at the end")
 
