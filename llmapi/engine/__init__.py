@@ -35,6 +35,7 @@ def create_engine(
     device: str = "auto",
     dtype: str = "auto",
     quantization: str = "none",
+    gguf_cache_dir: str = "",
 ):  # -> llmapi.engine.batching.Engine, typed loosely so that importing this package stays torch-free
     """Load `model_name` on `device` in `dtype` and start an engine on it (mode "batch", or "simple": the baseline).
 
@@ -49,7 +50,14 @@ def create_engine(
 
     keep_freed_memory()
     set_threads(threads)
-    loaded = load(model_name, revision=revision, device=device, dtype=dtype, quantization=quantization)
+    loaded = load(
+        model_name,
+        revision=revision,
+        device=device,
+        dtype=dtype,
+        quantization=quantization,
+        gguf_cache_dir=gguf_cache_dir,
+    )
     gc.collect()  # the fp32 copies that bf16 or int8 replaced, before their pages go back
     release_freed_memory()
     if mode == "simple":

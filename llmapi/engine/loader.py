@@ -6,9 +6,12 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from llmapi.engine.precision import Placement
 
 log = logging.getLogger(__name__)
 
@@ -75,24 +78,57 @@ def fuse_tanh_gelu(model: Any) -> int:
     return swapped
 
 
+def gguf_folder(path: str, *, device: str, dtype: str, quantization: str, cache_dir: str) -> tuple[str, Placement]:
+    """Convert the GGUF file `path` once (engine/gguf.py) for the placement it will run in; return its folder."""
+    from llmapi import checkpoint
+    from llmapi.engine import gguf
+    from llmapi.engine.precision import place
+
+    gguf.check_file(path)
+    # The dtype names the cache folder, so it is chosen before the file is read (its header takes seconds):
+    # DTYPE=auto needs only a parameter count, and the file's size bounds it from below.
+    parameters = checkpoint.parameters(path) or 0
+    placement = place(device, dtype, config=None, parameters=parameters, quantization=quantization)
+    started = time.perf_counter()
+    folder, converted = gguf.ensure_converted(path, dtype=placement.dtype, root=cache_dir)
+    done = "converted" if converted else "found the conversion of"
+    log.info("pid=%d %s %s: %s (%.1fs)", os.getpid(), done, path, folder, time.perf_counter() - started)
+    return str(folder), placement
+
+
 def load(
-    name: str, *, revision: str | None = None, device: str = "cpu", dtype: str = "float32", quantization: str = "none"
+    name: str,
+    *,
+    revision: str | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    quantization: str = "none",
+    gguf_cache_dir: str = "",
 ) -> LoadedModel:
-    """Load `name` (hub id or directory) on DEVICE `device` in DTYPE `dtype` (each may be "auto"), int8 if asked."""
+    """Load `name` (hub id, directory or GGUF file) on DEVICE `device` in DTYPE `dtype` (each may be "auto")."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from llmapi.engine.gguf import is_gguf
     from llmapi.engine.precision import count_parameters, place, quantize_int8
 
     # Progress bars and length warnings go to the server log for every load; our own log says enough.
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     started = time.perf_counter()
+    source, reason = name, ""
+    if is_gguf(name):
+        source, gguf_placement = gguf_folder(
+            name, device=device, dtype=dtype, quantization=quantization, cache_dir=gguf_cache_dir
+        )
+        # The folder's own dtype: the choice made from the file's size stands, and so does its reason.
+        dtype = gguf_placement.dtype
+        reason = f"{gguf_placement.reason}; the GGUF file converted to {dtype} once"
     options = {"revision": revision or None}
-    if os.path.isdir(name):
+    if os.path.isdir(source):
         options["local_files_only"] = True
-    tokenizer = AutoTokenizer.from_pretrained(name, **options)
-    config = AutoConfig.from_pretrained(name, **options)
+    tokenizer = AutoTokenizer.from_pretrained(source, **options)
+    config = AutoConfig.from_pretrained(source, **options)
     parameters = count_parameters(config)
     # Chosen before loading, so that the weights are read straight into the dtype: never an fp32 copy first.
     placement = place(device, dtype, config=config, parameters=parameters, quantization=quantization)
@@ -100,7 +136,7 @@ def load(
         "pid=%d placing %s (%s parameters) on %s in %s: %s",
         os.getpid(), name, f"{parameters:,}", placement.device, placement.dtype, placement.reason,
     )  # fmt: skip
-    model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=placement.torch_dtype, **options)
+    model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=placement.torch_dtype, **options)
     model.to(placement.device)
     model.eval()
     fuse_tanh_gelu(model)
@@ -122,5 +158,5 @@ def load(
         load_seconds=time.perf_counter() - started,
         device=placement.device,
         dtype="int8" if quantization == "int8" else placement.dtype,
-        placement_reason=placement.reason,
+        placement_reason=reason or placement.reason,
     )

@@ -41,6 +41,7 @@ def load_engine(settings: Settings) -> EngineLike:
         device=settings.device,
         dtype=settings.dtype,
         quantization=settings.quantization,
+        gguf_cache_dir=settings.gguf_cache,
     )
 
 
