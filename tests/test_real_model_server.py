@@ -12,7 +12,7 @@ import openai
 import pytest
 import requests
 
-from llmapi.engine import gguf
+from llmapi.engine import from_gguf as gguf
 from tests.conftest import GGUF_CACHE, KEY, Server, launch, run_concurrently
 from tests.ops_helpers import error_of
 

@@ -79,9 +79,9 @@ def fuse_tanh_gelu(model: Any) -> int:
 
 
 def gguf_folder(path: str, *, device: str, dtype: str, quantization: str, cache_dir: str) -> tuple[str, Placement]:
-    """Convert the GGUF file `path` once (engine/gguf.py) for the placement it will run in; return its folder."""
+    """Convert the GGUF file `path` once (engine/from_gguf.py) for the placement it will run in; return its folder."""
     from llmapi import checkpoint
-    from llmapi.engine import gguf
+    from llmapi.engine import from_gguf as gguf
     from llmapi.engine.precision import place
 
     gguf.check_file(path)
@@ -109,7 +109,7 @@ def load(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from llmapi.engine.gguf import is_gguf
+    from llmapi.engine.from_gguf import is_gguf
     from llmapi.engine.precision import count_parameters, place, quantize_int8
 
     # Progress bars and length warnings go to the server log for every load; our own log says enough.

@@ -9,7 +9,7 @@ SHA-256, and every later load, worker and restart reads that folder like any oth
 The folder is written under a temporary name and renamed into place, with a marker file written last: a folder
 without the marker is never used. An exclusive lock per digest lets one process convert while others wait for it.
 This module imports only the standard library at the top, so that the image's build stage can run it on its own
-(`python gguf.py FILE --out DIR`), as it runs build_model.py.
+(`python from_gguf.py FILE --out DIR`), as it runs build_model.py.
 """
 
 from __future__ import annotations
