@@ -120,7 +120,7 @@ def test_engine_stream_pieces_add_up_to_the_text(engine):
     handle = engine.submit(GenerationRequest(prompt=PROMPT, max_new_tokens=20, do_sample=True, seed=1, stream=True))
     items = list(handle.pieces())
     result = items[-1]
-    assert "".join(items[:-1]) == result.text
+    assert "".join(item.text for item in items[:-1]) == result.text
     assert len(items) > 2
 
 
@@ -131,7 +131,7 @@ def test_engine_stream_never_sends_a_stop_sequence(engine):
         GenerationRequest(prompt=PROMPT, max_new_tokens=20, do_sample=True, seed=9, stop=(stop,), stream=True)
     )
     items = list(handle.pieces())
-    streamed = "".join(items[:-1])
+    streamed = "".join(item.text for item in items[:-1])
     assert streamed == items[-1].text == full[: full.index(stop)]
 
 

@@ -19,7 +19,7 @@ MODEL = ("torch", "transformers", "numpy", "tokenizers", "safetensors")
 RULES = [
     (
         "engine",
-        (*WEB, "llmapi.http", "llmapi.runtime", "llmapi.errors", "llmapi.metrics", "llmapi.logs", "llmapi.worker"),
+        (*WEB, "llmapi.http", "llmapi.runtime", "llmapi.errors", "llmapi.metrics", "llmapi.logs", "llmapi.gunicorn"),
     ),
     ("runtime", (*MODEL, "llmapi.http")),
     ("http", MODEL),
@@ -64,7 +64,7 @@ def test_layout_the_app_and_the_gunicorn_config_import_no_torch_and_start_no_thr
     code = (
         "import json, sys, threading, runpy;"
         "import wsgi; runpy.run_path('gunicorn.conf.py');"
-        "import llmapi.http.generate, llmapi.http.openai.routes, llmapi.runtime.runner, llmapi.worker;"
+        "import llmapi.http.generate, llmapi.http.openai.routes, llmapi.runtime.runner, llmapi.gunicorn.worker;"
         "print(json.dumps([sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')),"
         " threading.active_count()]))"
     )

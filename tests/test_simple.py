@@ -41,7 +41,7 @@ def test_simple_mode_seed_reproduces_and_stop_cuts(simple_engine):
 def test_simple_mode_streams_one_piece_then_the_result(simple_engine):
     handle = simple_engine.submit(GenerationRequest(prompt=PROMPT, max_new_tokens=6, stream=True))
     items = list(handle.pieces())
-    assert len(items) == 2 and items[0] == items[1].text
+    assert len(items) == 2 and items[0].text == items[1].text
 
 
 @pytest.mark.parametrize(

@@ -47,7 +47,7 @@ class Handle:
         """Ask the engine to stop this generation at the next step."""
         self.cancelled.set()
 
-    def pieces(self) -> Iterator[str | GenerationResult]:
+    def pieces(self) -> Iterator[Piece | GenerationResult]:
         """Yield text pieces as they are generated, then the GenerationResult."""
         while True:
             kind, payload = self._events.get()
@@ -186,11 +186,11 @@ class Row:
         safe = len(self.text) - (0 if self.finish_reason else self.stops.held_back(self.text))
         held = len(self.logprobs) > self.logprobs_sent and self.finish_reason is not None
         if safe > self.sent or held:
-            piece = self.text[self.sent : safe]
+            scored: tuple[TokenLogprob, ...] = ()
             if self.request.logprobs is not None:  # the piece carries the log-probabilities of its tokens
-                piece = Piece(piece, tuple(self.logprobs[self.logprobs_sent :]))
+                scored = tuple(self.logprobs[self.logprobs_sent :])
                 self.logprobs_sent = len(self.logprobs)
-            self.handle._send("piece", piece)
+            self.handle._send("piece", Piece(self.text[self.sent : safe], scored))
             self.sent = safe
 
     def finish(self, model: str, now: float) -> None:

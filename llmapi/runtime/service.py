@@ -69,8 +69,8 @@ class EngineService:
 
     @property
     def placement(self) -> dict[str, str]:
-        """The loaded model's device and dtype (empty before it loads, or from an engine that has none)."""
-        return dict(getattr(self._engine, "placement", None) or {})
+        """The loaded model's device and dtype (empty before it loads, or from an engine that cannot say)."""
+        return dict(self._engine.placement) if self._engine is not None else {}
 
     @property
     def loading(self) -> bool:
@@ -84,8 +84,7 @@ class EngineService:
 
     def stats(self) -> dict[str, Any] | None:
         """The engine's live figures, or None while no model is loaded here (this never loads one)."""
-        stats = getattr(self._engine, "stats", None)
-        return stats() if stats is not None else None
+        return self._engine.stats() if self._engine is not None else None
 
     def get(self) -> EngineLike:
         """Return the engine, loading it on first use; raise ModelUnavailable if that fails."""
@@ -153,8 +152,7 @@ class EngineService:
             self.metrics.observe_load(None)
             raise self._failure from exc
         self._failure = None
-        if hasattr(self._engine, "on_stats"):  # the batching engine reports its queue and prefix cache
-            self._engine.on_stats = self.metrics.observe_engine
+        self._engine.on_stats = self.metrics.observe_engine  # the batching engine reports its queue and prefix cache
         seconds = time.perf_counter() - started
         log.info("pid=%d loaded model %s in %.2fs", os.getpid(), name, seconds)
         self.metrics.observe_load(seconds, placement=self.placement)
