@@ -22,7 +22,7 @@ backlog = 2048
 # llmapi's gthread lets go of the listening socket as soon as it stops, so that new connections are
 # refused at once during a graceful shutdown instead of waiting in the backlog (see llmapi/gunicorn/worker.py).
 worker_class = "llmapi.gunicorn.worker.ThreadWorker"
-workers = _settings.workers
+workers = _settings.web_concurrency
 threads = _settings.threads
 # Each worker loads its model lazily on its first generate: nothing heavy may happen in the master.
 preload_app = False
@@ -99,7 +99,7 @@ def post_worker_init(worker):
 
 def post_fork(server, worker):
     """Log each worker's birth; its torch threads are set when it loads its model."""
-    server.log.info("worker %s forked (torch threads %s)", worker.pid, _settings.threads_per_worker)
+    server.log.info("worker %s forked (torch threads %s)", worker.pid, _settings.torch_threads)
 
 
 def worker_int(worker):

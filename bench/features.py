@@ -157,7 +157,7 @@ def main() -> None:
     print("| model | batch | " + " | ".join(kinds) + " |")
     print("|---|---:|" + "---:|" * len(kinds))
     for name in options.models.split(","):
-        engine = create_engine(str(MODELS[name]), threads=1, max_batch_size=8, batch_wait_ms=20)
+        engine = create_engine(str(MODELS[name]), torch_threads=1, max_batch_size=8, batch_wait_ms=20)
         for batch in (1, 8):
             cells = []
             for kind in kinds:

@@ -57,7 +57,7 @@ def run(model: str, *, threads: int, chunk: int, seconds: float, lanes: int) -> 
 
     batching.MAX_SHARED_LANES = lanes
     engine = create_engine(
-        model, threads=threads, max_batch_size=32, prefix_cache_mb=512, prefill_chunk_tokens=chunk, dtype="auto"
+        model, torch_threads=threads, max_batch_size=32, prefix_cache_mb=512, prefill_chunk_tokens=chunk, dtype="auto"
     )
     long = text_of(900, model)
     steps = instrument(engine)

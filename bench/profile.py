@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     server = start(path, env)
     try:
         body = bodies(32)[args.load]
-        warm(server, body, server_settings(path, env).workers)
+        warm(server, body, server_settings(path, env).web_concurrency)
         worker = server.pids()[1]
         load = threading.Thread(
             target=run_python,

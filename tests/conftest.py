@@ -181,7 +181,7 @@ def engine(tiny_model: str):
     """A real engine on the tiny model, shared by the engine tests."""
     from llmapi.engine import create_engine
 
-    return create_engine(tiny_model, threads=1, max_batch_size=8, batch_wait_ms=5)
+    return create_engine(tiny_model, torch_threads=1, max_batch_size=8, batch_wait_ms=5)
 
 
 @pytest.fixture(scope="session")
@@ -189,7 +189,7 @@ def sharp(sharp_model: str):
     """An engine on the sharp model (sharp_model)."""
     from llmapi.engine import create_engine
 
-    return create_engine(sharp_model, threads=1, max_batch_size=8, batch_wait_ms=5, dtype="float32")
+    return create_engine(sharp_model, torch_threads=1, max_batch_size=8, batch_wait_ms=5, dtype="float32")
 
 
 @pytest.fixture(scope="session")

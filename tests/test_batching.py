@@ -131,7 +131,7 @@ def test_batch_timings_report_the_batch(sharp):
 def test_engine_close_fails_waiting_requests_and_refuses_new_ones(tiny_model):
     from llmapi.engine import EngineError
 
-    engine = create_engine(tiny_model, threads=1)
+    engine = create_engine(tiny_model, torch_threads=1)
     handle = engine.submit(GenerationRequest(prompt=PROMPT, max_new_tokens=900, stream=True))
     pieces = handle.pieces()
     next(pieces)

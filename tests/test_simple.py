@@ -13,7 +13,7 @@ LONG_PROMPT = " ".join(["tokens prompts and completions"] * 40)
 @pytest.fixture(scope="module")
 def simple_engine(sharp):
     """The baseline engine (ENGINE_MODE=simple) on the same model as `sharp`."""
-    return create_engine(sharp.model_name, threads=1, mode="simple", dtype="float32")
+    return create_engine(sharp.model_name, torch_threads=1, engine_mode="simple", dtype="float32")
 
 
 def test_simple_mode_greedy_matches_the_batch_engine(simple_engine, sharp):

@@ -24,9 +24,10 @@ import torch
 from llmapi.engine import logprobs
 from llmapi.engine.base import ModelFront
 from llmapi.engine.bytelevel import fast_decoder
+from llmapi.engine.config import EngineConfig
 from llmapi.engine.loader import LoadedModel
 from llmapi.engine.prefill import Prefill, row_kv
-from llmapi.engine.prefix_cache import BLOCK_TOKENS, PrefixCache
+from llmapi.engine.prefix_cache import PrefixCache
 from llmapi.engine.sampling import RowControls, choose
 from llmapi.engine.stats import TokenRate, model_facts
 from llmapi.engine.text import IncrementalDecoder, StopMatcher
@@ -309,21 +310,12 @@ def mergeable(cache: Any) -> bool:
 class Engine(ModelFront):
     """Owns one model copy; requests are queued and decoded in lanes by one background thread."""
 
-    def __init__(
-        self,
-        loaded: LoadedModel,
-        *,
-        max_batch_size: int = 8,
-        batch_wait_ms: float = 2.0,
-        prefix_cache_mb: float = 0.0,
-        prefill_chunk_tokens: int = 0,
-        block_tokens: int = BLOCK_TOKENS,
-    ) -> None:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
         super().__init__(loaded)
-        self.max_batch_size = max_batch_size
-        self.batch_wait_s = batch_wait_ms / 1000.0
-        self.prefix_cache = PrefixCache(prefix_cache_mb, block_tokens=block_tokens)
-        self.chunk_tokens = prefill_chunk_tokens  # 0: every prompt in one pass
+        self.max_batch_size = config.max_batch_size
+        self.batch_wait_s = config.batch_wait_ms / 1000.0
+        self.prefix_cache = PrefixCache(config.prefix_cache_mb, block_tokens=config.prefix_cache_block_tokens)
+        self.chunk_tokens = config.prefill_chunk_tokens  # 0: every prompt in one pass
         # Called from the engine thread with an EngineStats whenever the queue or the cache changed (the metrics).
         self.on_stats: Any = None
         self._published: EngineStats | None = None

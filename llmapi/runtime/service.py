@@ -13,6 +13,7 @@ from typing import Any
 from flask import Flask, current_app
 
 from llmapi.config import Settings
+from llmapi.engine.config import EngineConfig
 from llmapi.engine.types import EngineLike, ModelUnavailable
 from llmapi.metrics import Metrics
 from llmapi.runtime.admission import Admission
@@ -26,22 +27,9 @@ EngineFactory = Callable[[Settings], EngineLike]
 
 def load_engine(settings: Settings) -> EngineLike:
     """Load the configured model into a new engine (imports torch)."""
-    from llmapi.engine import create_engine
+    from llmapi.engine import start_engine
 
-    return create_engine(
-        settings.model_name,
-        revision=settings.model_revision or None,
-        threads=settings.threads_per_worker,
-        max_batch_size=settings.batch_size,
-        batch_wait_ms=settings.batch_wait_ms,
-        prefix_cache_mb=settings.prefix_cache_mb,
-        prefix_cache_block_tokens=settings.prefix_cache_block_tokens,
-        prefill_chunk_tokens=settings.prefill_chunk_tokens,
-        mode=settings.engine_mode,
-        device=settings.device,
-        dtype=settings.dtype,
-        quantization=settings.quantization,
-    )
+    return start_engine(EngineConfig.from_settings(settings))
 
 
 class EngineService:
