@@ -69,7 +69,7 @@ def step_ms(engine: Any, requests: list[Any]) -> float:
 
 
 def hook_us(batch: int = 8, repeats: int = 20_000) -> float:
-    """Microseconds per step that a lane of plain rows spends in the hooks this feature added to `_choose`."""
+    """Microseconds per step that a lane of plain rows spends in the hooks this feature added to postprocess."""
     import timeit
     from types import SimpleNamespace
 

@@ -20,7 +20,13 @@ from typing import Any
 from bench.chat import text_of
 from bench.load import percentile
 
-PARTS = ("_advance", "_remember", "_add_lane", "_step", "_choose")  # _advance includes _remember and _add_lane
+PARTS = (
+    "_prefill",
+    "_store_prefixes",
+    "_place",
+    "_step",
+    "postprocess",
+)  # _prefill holds the next two, and both hold postprocess
 
 
 def instrument(engine: Any) -> list[tuple[float, dict[str, float]]]:
@@ -53,9 +59,11 @@ def instrument(engine: Any) -> list[tuple[float, dict[str, float]]]:
 
 def run(model: str, *, threads: int, chunk: int, seconds: float, lanes: int) -> dict[str, Any]:
     """One engine under the mixed workload for `seconds`; the streams' gaps and the slowest steps."""
-    from llmapi.engine import GenerationRequest, batching, create_engine
+    from llmapi.engine import GenerationRequest, create_engine
+    from llmapi.engine import lane as lane_policy
+    from llmapi.engine.types import Piece
 
-    batching.MAX_SHARED_LANES = lanes
+    lane_policy.MAX_SHARED_LANES = lanes
     engine = create_engine(
         model, torch_threads=threads, max_batch_size=32, prefix_cache_mb=512, prefill_chunk_tokens=chunk, dtype="auto"
     )
@@ -73,7 +81,7 @@ def run(model: str, *, threads: int, chunk: int, seconds: float, lanes: int) -> 
             last = None
             for piece in engine.submit(request).pieces():
                 now = time.perf_counter()
-                if isinstance(piece, str):
+                if isinstance(piece, Piece):
                     if last is not None and time.monotonic() > measure_from:
                         gaps.append(now - last)
                     last = now

@@ -27,7 +27,7 @@ LINE = re.compile(r"^(?P<stack>.*) (?P<count>\d+)$")
 
 def thread_kind(root: str) -> str:
     """Name the thread a py-spy stack belongs to, from its root frames."""
-    if "_run (llmapi/engine/batching.py" in root:
+    if "_run (llmapi/engine/engine.py" in root:
         return "engine thread"
     if "worker (concurrent/futures/thread.py" in root:
         return "request threads"

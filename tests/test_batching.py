@@ -63,7 +63,7 @@ def test_batch_a_far_longer_row_decodes_in_a_lane_apart_and_matches_alone(sharp)
 def test_lanes_are_kept_apart_only_when_merging_would_double_the_cells_read():
     import torch
 
-    from llmapi.engine.batching import MIN_PADDING_CELLS, Lane, apart, padding_cells
+    from llmapi.engine.lane import MIN_PADDING_CELLS, Lane, apart, padding_cells
 
     class Row:
         solo = False

@@ -10,7 +10,7 @@ import torch
 
 from llmapi.config import ConfigError, Settings
 from llmapi.cpus import cpu_flags, native_bf16, nvidia_gpu_visible
-from llmapi.engine import GenerationRequest, batching, create_engine, precision
+from llmapi.engine import GenerationRequest, create_engine, postprocess, precision
 from llmapi.engine.precision import BF16_MIN_PARAMETERS, PlacementError, choose_dtype, resolve_device
 from llmapi.engine.sampling import RowControls, choose, choose_on_device
 from llmapi.metrics import Metrics
@@ -152,13 +152,13 @@ def bf16_engine(tiny_model):
 
 def test_bf16_engine_upcasts_logits_before_sampling(bf16_engine, monkeypatch):
     seen: list[torch.dtype] = []
-    real = batching.choose
+    real = postprocess.choose
 
     def spy(logits, rows, eos_ids):
         seen.append(logits.dtype)
         return real(logits, rows, eos_ids)
 
-    monkeypatch.setattr(batching, "choose", spy)
+    monkeypatch.setattr(postprocess, "choose", spy)
     assert bf16_engine.placement == {"device": "cpu", "dtype": "bfloat16"}
     assert next(bf16_engine.loaded.model.parameters()).dtype == torch.bfloat16
     for request in (

@@ -35,7 +35,7 @@ def start_engine(config: EngineConfig):  # -> llmapi.engine.engine.Engine, or th
     "simple": the baseline). Imports torch."""
     # The Rust tokenizer's own thread pool must not start in a process that serves threads of its own.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from llmapi.engine.batching import Engine
+    from llmapi.engine.engine import Engine
     from llmapi.engine.loader import load, set_threads
     from llmapi.engine.tuning import keep_freed_memory, release_freed_memory
 

@@ -10,10 +10,10 @@ from typing import Any
 
 import torch
 
-from llmapi.engine.base import ModelFront
 from llmapi.engine.loader import LoadedModel
 from llmapi.engine.stats import TokenRate, model_facts
 from llmapi.engine.text import StopMatcher
+from llmapi.engine.tokenizer import Tokenizer
 from llmapi.engine.types import EngineError, EngineStats, GenerationRequest, GenerationResult, InvalidRequest, Piece
 
 # What only the batching engine does; this baseline refuses a request that asks for any of it.
@@ -56,7 +56,7 @@ class SimpleHandle:
         """Nothing to stop: the generation runs to its end (or its deadline) in the caller's thread."""
 
 
-class SimpleEngine(ModelFront):
+class SimpleEngine(Tokenizer):
     """transformers' `generate`, one request at a time per process: what a server without batching does."""
 
     def __init__(self, loaded: LoadedModel) -> None:
