@@ -53,6 +53,10 @@ def test_layout_import_rules_hold(folder, forbidden):
     assert {path: names for path, names in found.items() if names} == {}
 
 
+def test_layout_the_metrics_registry_imports_nothing_from_http():
+    assert not [name for name in imported(PACKAGE / "metrics.py") if breaks(name, ("llmapi.http",))]
+
+
 def test_layout_http_uses_only_the_engine_s_plain_modules():
     used = {
         name for path in (PACKAGE / "http").rglob("*.py") for name in imported(path) if breaks(name, ("llmapi.engine",))

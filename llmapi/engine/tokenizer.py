@@ -108,10 +108,6 @@ class Tokenizer:
             )
         return ids
 
-    def submit(self, request: GenerationRequest) -> Any:
-        """Start generating `request` (each engine decodes its own way)."""
-        raise NotImplementedError
-
     def generate(self, request: GenerationRequest) -> GenerationResult:
-        """Generate and wait for the whole result."""
-        return self.submit(request).result()
+        """Generate and wait for the whole result (through the engine's own submit())."""
+        return self.submit(request).result()  # type: ignore[attr-defined]
