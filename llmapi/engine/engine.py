@@ -163,7 +163,7 @@ class Engine(Tokenizer):
         lane = Lane(job.rows, job.cache, job.mask, job.positions[:, -1:], padded=not bool(job.mask.all()))
         self._store_prefixes(lane)
         self.postprocess.score_prompts(lane, logits)
-        self.postprocess(lane, logits[:, -1, :].float())  # fp32 whatever the model computes in: see sampling
+        self.postprocess.run(lane, logits[:, -1, :].float())  # fp32 whatever the model computes in: see sampling
         self._place(lane)
 
     def _store_prefixes(self, lane: Lane) -> None:
@@ -189,7 +189,7 @@ class Engine(Tokenizer):
             lane.keep([i for i, row in enumerate(lane.rows) if row.finish_reason is None])
             if not lane.rows:
                 return
-        self.postprocess(lane, self.step(lane))
+        self.postprocess.run(lane, self.step(lane))
 
     def _publish(self) -> None:
         """Hand the stats to on_stats when they changed since last time (a failing hook is logged, not fatal)."""

@@ -37,7 +37,7 @@ class Postprocess:
         self.grammars = grammars  # the tokenizer's grammar compiler, built on first use
         self.rate = rate
 
-    def __call__(self, lane: Lane, logits: torch.Tensor) -> None:
+    def run(self, lane: Lane, logits: torch.Tensor) -> None:
         """Pick each row's next token, hand it to the row, and let finished rows leave the lane at once."""
         scored, raw = self.keep_scored(lane, logits)
         self.mask_grammars(lane, logits)
