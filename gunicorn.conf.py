@@ -4,8 +4,8 @@ import faulthandler
 import os
 import sys
 
-from llmapi import worker as _worker
 from llmapi.config import ConfigError, Settings
+from llmapi.gunicorn import board, hooks, reading
 
 try:
     _settings = Settings.from_env()
@@ -20,9 +20,9 @@ backlog = 2048
 # gthread: each worker is one process with its own model copy and `threads` request threads; the
 # engine's own thread does the decoding, so request threads mostly wait and can be plentiful.
 # llmapi's gthread lets go of the listening socket as soon as it stops, so that new connections are
-# refused at once during a graceful shutdown instead of waiting in the backlog (see llmapi/worker.py).
-worker_class = "llmapi.worker.ThreadWorker"
-workers = _settings.workers
+# refused at once during a graceful shutdown instead of waiting in the backlog (see llmapi/gunicorn/worker.py).
+worker_class = "llmapi.gunicorn.worker.ThreadWorker"
+workers = _settings.web_concurrency
 threads = _settings.threads
 # Each worker loads its model lazily on its first generate: nothing heavy may happen in the master.
 preload_app = False
@@ -54,7 +54,7 @@ accesslog = "-"
 errorlog = "-"
 loglevel = _settings.log_level
 access_log_format = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(M)sms pid=%(p)s request_id=%({x-request-id}o)s'
-logger_class = "llmapi.worker.JsonLogger" if _settings.log_format == "json" else "gunicorn.glogging.Logger"
+logger_class = "llmapi.gunicorn.hooks.JsonLogger" if _settings.log_format == "json" else "gunicorn.glogging.Logger"
 
 # Process naming
 proc_name = "llmapi"
@@ -70,36 +70,36 @@ _made_metrics_dir = False
 def on_starting(server):
     """Give the workers an empty metrics directory; they find it in PROMETHEUS_MULTIPROC_DIR."""
     global _metrics_dir, _made_metrics_dir
-    _metrics_dir, _made_metrics_dir = _worker.prepare_metrics_dir(_settings.metrics_dir)
+    _metrics_dir, _made_metrics_dir = hooks.prepare_metrics_dir(_settings.metrics_dir)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(_metrics_dir)  # inherited by every worker forked from now on
     server.log.info("metrics directory %s", _metrics_dir)
     # Shared memory where the workers post their open connections, for least-connections accept.
-    _worker.make_connection_board()
-    _worker.configure_reading(timeout=_settings.request_read_timeout, max_body=_settings.max_body_bytes)
+    board.make_connection_board()
+    reading.configure_reading(timeout=_settings.request_read_timeout, max_body=_settings.max_body_bytes)
 
 
 def child_exit(server, worker):
     """Forget a dead worker: its live gauges (so that /metrics counts only the workers that serve), its connections."""
     if _metrics_dir is not None:
-        _worker.mark_worker_dead(worker.pid, _metrics_dir)
-    _worker.forget_worker(worker.age, worker.pid)
+        hooks.mark_worker_dead(worker.pid, _metrics_dir)
+    board.forget_worker(worker.age, worker.pid)
 
 
 def on_exit(server):
     """Remove the metrics directory if it was made for this run."""
     if _made_metrics_dir and _metrics_dir is not None:
-        _worker.remove_metrics_dir(_metrics_dir)
+        hooks.remove_metrics_dir(_metrics_dir)
 
 
 def post_worker_init(worker):
     """With WARMUP=true, start loading this worker's model in the background (/health stays instant)."""
     if _settings.warmup:
-        _worker.warm_up(worker.wsgi)
+        hooks.warm_up(worker.wsgi)
 
 
 def post_fork(server, worker):
     """Log each worker's birth; its torch threads are set when it loads its model."""
-    server.log.info("worker %s forked (torch threads %s)", worker.pid, _settings.threads_per_worker)
+    server.log.info("worker %s forked (torch threads %s)", worker.pid, _settings.torch_threads)
 
 
 def worker_int(worker):

@@ -176,7 +176,7 @@ def serve(path: str, size: str, mode: str, env: dict[str, str], plan: list[tuple
     print(f"server: {size}, ENGINE_MODE={mode} {env or ''} ...", file=sys.stderr)
     server = start(path, {"ENGINE_MODE": mode, **env})
     try:
-        workers = server_settings(path, env).workers
+        workers = server_settings(path, env).web_concurrency
         figures: dict[str, Any] = {"health_s": server.health_s}
         figures.update(warm(server, plan[0][1], workers))
         figures["memory_after_load"] = server.memory()
@@ -249,7 +249,7 @@ def peers(path: str, payloads: dict[str, dict[str, Any]], clients: list[int], *,
     plan = [("greedy", payloads["greedy"], n) for n in clients]
     for name, env in PEER_VARIANTS.items():
         settings = server_settings(path, env)
-        args = ["generate", "--model", path, "--env", json.dumps(env), "--threads", str(settings.threads_per_worker)]
+        args = ["generate", "--model", path, "--env", json.dumps(env), "--threads", str(settings.torch_threads)]
         figures["generate"][name] = run_python(
             "bench.peers", *args, "--new-tokens", str(new_tokens), "--repeats", repeats
         )
@@ -277,7 +277,7 @@ def real_run(clients: list[int], *, quick: bool, new_tokens: int) -> dict[str, A
     if not real.REAL_MODEL.exists():
         raise SystemExit(f"{path} is missing: `make real-model` gets it")
     body = bodies(new_tokens)["greedy"]
-    workers = server_settings(path, {}).workers
+    workers = server_settings(path, {}).web_concurrency
     return real.run(path, body, clients, WINDOWS[("small", quick)], load_run=load_run, workers=workers)
 
 

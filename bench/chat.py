@@ -84,7 +84,7 @@ def workers(path: str, env: dict[str, str]) -> int:
     """How many workers a server of `path` started with `env` runs (each is warmed before a window)."""
     from bench.__main__ import server_settings
 
-    return server_settings(path, env).workers
+    return server_settings(path, env).web_concurrency
 
 
 def stream_run(server: Server, groups: list[dict[str, Any]], window: tuple[float, float]) -> dict[str, Any]:

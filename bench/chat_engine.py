@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     chunk = Settings.prefill_chunk_tokens
     out = {}
     for label, cache_mb, chunk_tokens in (("on", DEFAULT_PREFIX_CACHE_MB, chunk), ("off", 0, 0)):
-        engine = create_engine(args.model, threads=1, prefix_cache_mb=cache_mb, prefill_chunk_tokens=chunk_tokens)
+        engine = create_engine(args.model, torch_threads=1, prefix_cache_mb=cache_mb, prefill_chunk_tokens=chunk_tokens)
         engine.generate(GenerationRequest(prompt=f"{system} Warm-up", max_new_tokens=2))  # the steady state
         out[label] = clients(engine, system, label=label, count=4, rounds=args.rounds)
         engine.close()

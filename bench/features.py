@@ -69,7 +69,7 @@ def step_ms(engine: Any, requests: list[Any]) -> float:
 
 
 def hook_us(batch: int = 8, repeats: int = 20_000) -> float:
-    """Microseconds per step that a lane of plain rows spends in the hooks this feature added to `_choose`."""
+    """Microseconds per step that a lane of plain rows spends in the hooks this feature added to postprocess."""
     import timeit
     from types import SimpleNamespace
 
@@ -157,7 +157,7 @@ def main() -> None:
     print("| model | batch | " + " | ".join(kinds) + " |")
     print("|---|---:|" + "---:|" * len(kinds))
     for name in options.models.split(","):
-        engine = create_engine(str(MODELS[name]), threads=1, max_batch_size=8, batch_wait_ms=20)
+        engine = create_engine(str(MODELS[name]), torch_threads=1, max_batch_size=8, batch_wait_ms=20)
         for batch in (1, 8):
             cells = []
             for kind in kinds:

@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 from llmapi.engine.types import GenerationRequest, GenerationResult
 
@@ -45,6 +45,12 @@ class InstantEngine:
     """An engine that answers every request at once."""
 
     model_name = "instant"
+    placement: ClassVar[dict[str, str]] = {}
+    on_stats: ClassVar[Any] = None
+
+    def stats(self) -> dict[str, Any]:
+        """No live figures."""
+        return {}
 
     def submit(self, request: GenerationRequest) -> InstantHandle:
         """Answer at once."""

@@ -121,7 +121,7 @@ def measure_model(path: str, *, threads: int, batches: tuple[int, ...], new_toke
     from llmapi.engine import create_engine
 
     torch.set_num_threads(threads)
-    engine = create_engine(path, threads=threads, max_batch_size=max(batches))
+    engine = create_engine(path, torch_threads=threads, max_batch_size=max(batches))
     model, tokenizer, pad_id = engine.loaded.model, engine.loaded.tokenizer, engine.loaded.pad_id
     repeats, budget = (3, 2.0) if quick else (7, 6.0)
     figures: dict[str, Any] = {"threads": threads, "load_s": engine.loaded.load_seconds}

@@ -10,6 +10,7 @@ pieces) and the slowest engine steps with the time spent in each part of them. J
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import threading
@@ -20,7 +21,8 @@ from typing import Any
 from bench.chat import text_of
 from bench.load import percentile
 
-PARTS = ("_advance", "_remember", "_add_lane", "_step", "_choose")  # _advance includes _remember and _add_lane
+# The engine's parts, timed apart: _prefill holds the next two, and both it and _step hold postprocess.run.
+PARTS = ("_prefill", "_store_prefixes", "_place", "_step", "postprocess.run")
 
 
 def instrument(engine: Any) -> list[tuple[float, dict[str, float]]]:
@@ -39,7 +41,9 @@ def instrument(engine: Any) -> list[tuple[float, dict[str, float]]]:
         return run
 
     for name in PARTS:
-        setattr(engine, name, timed(name, getattr(engine, name)))
+        *path, attribute = name.split(".")
+        holder = functools.reduce(getattr, path, engine)
+        setattr(holder, attribute, timed(name, getattr(holder, attribute)))
     publish = engine._publish
 
     def mark() -> None:
@@ -53,11 +57,13 @@ def instrument(engine: Any) -> list[tuple[float, dict[str, float]]]:
 
 def run(model: str, *, threads: int, chunk: int, seconds: float, lanes: int) -> dict[str, Any]:
     """One engine under the mixed workload for `seconds`; the streams' gaps and the slowest steps."""
-    from llmapi.engine import GenerationRequest, batching, create_engine
+    from llmapi.engine import GenerationRequest, create_engine
+    from llmapi.engine import lane as lane_policy
+    from llmapi.engine.types import Piece
 
-    batching.MAX_SHARED_LANES = lanes
+    lane_policy.MAX_SHARED_LANES = lanes
     engine = create_engine(
-        model, threads=threads, max_batch_size=32, prefix_cache_mb=512, prefill_chunk_tokens=chunk, dtype="auto"
+        model, torch_threads=threads, max_batch_size=32, prefix_cache_mb=512, prefill_chunk_tokens=chunk, dtype="auto"
     )
     long = text_of(900, model)
     steps = instrument(engine)
@@ -73,7 +79,7 @@ def run(model: str, *, threads: int, chunk: int, seconds: float, lanes: int) -> 
             last = None
             for piece in engine.submit(request).pieces():
                 now = time.perf_counter()
-                if isinstance(piece, str):
+                if isinstance(piece, Piece):
                     if last is not None and time.monotonic() > measure_from:
                         gaps.append(now - last)
                     last = now

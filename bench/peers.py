@@ -89,8 +89,8 @@ def llmapi_generate(model: str, *, env: dict[str, str], threads: int, new_tokens
 
     engine = create_engine(
         model,
-        threads=threads,
-        mode="simple",
+        torch_threads=threads,
+        engine_mode="simple",
         dtype=env.get("DTYPE", "auto"),
         quantization=env.get("QUANTIZATION", "none"),
     )

@@ -27,7 +27,7 @@ LINE = re.compile(r"^(?P<stack>.*) (?P<count>\d+)$")
 
 def thread_kind(root: str) -> str:
     """Name the thread a py-spy stack belongs to, from its root frames."""
-    if "_run (llmapi/engine/batching.py" in root:
+    if "_run (llmapi/engine/engine.py" in root:
         return "engine thread"
     if "worker (concurrent/futures/thread.py" in root:
         return "request threads"
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     server = start(path, env)
     try:
         body = bodies(32)[args.load]
-        warm(server, body, server_settings(path, env).workers)
+        warm(server, body, server_settings(path, env).web_concurrency)
         worker = server.pids()[1]
         load = threading.Thread(
             target=run_python,

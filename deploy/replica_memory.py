@@ -117,11 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         url = f"http://127.0.0.1:{port}"
         wait_for_health(url, process)
-        pids = load_every_worker(url, process.pid, settings.workers)
+        pids = load_every_worker(url, process.pid, settings.web_concurrency)
         if args.full_batches:
-            fill_batches(url, settings.batch_size * settings.workers)
+            fill_batches(url, settings.max_batch_size * settings.web_concurrency)
         rows = [("master", process.pid), *(("worker", pid) for pid in pids)]
-        print(f"model {args.model}, {settings.workers} worker(s), {settings.batch_size} rows each")
+        print(f"model {args.model}, {settings.web_concurrency} worker(s), {settings.max_batch_size} rows each")
         print(f"{'process':8} {'pid':>8} {'RSS MiB':>9} {'PSS MiB':>9} {'HWM MiB':>9}")
         totals = dict.fromkeys(("Rss", "Pss", "VmHWM"), 0)
         for role, pid in [*rows, ("replica", None)]:

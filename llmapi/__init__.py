@@ -8,9 +8,9 @@ from typing import Any
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from llmapi import errors, logs, metrics
+from llmapi import errors, logs
 from llmapi.config import Settings
-from llmapi.http import generate, health, jsonbody, playground, status, tokens
+from llmapi.http import generate, health, jsonbody, metrics, playground, status, tokens
 from llmapi.http.docs import SpecApi
 from llmapi.http.hooks import EXTENSION as KEYS_EXTENSION
 from llmapi.http.openai import routes as openai_routes

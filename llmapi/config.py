@@ -185,41 +185,23 @@ class Settings:
         """Generation requests one worker admits at once: always fewer than its threads."""
         return self.max_inflight or self.threads - 1
 
-    @property
-    def on_gpu(self) -> bool:
-        """Whether the model goes to a GPU: DEVICE names cuda, or is auto and the NVIDIA driver lists a GPU."""
-        return self.device.startswith("cuda") or (self.device == "auto" and nvidia_gpu_visible())
+    def resolved(self) -> Settings:
+        """These settings with the automatic choices (0) made, once: the I/O they need (a GPU probe, checkpoint
+        headers, the CPU quota) is done here, at start, and never again.
 
-    @property
-    def workers(self) -> int:
-        """gunicorn worker processes: WEB_CONCURRENCY, else one on a GPU or for a model of real size, else 2."""
-        if self.web_concurrency > 0:
-            return self.web_concurrency
-        if self.on_gpu:  # one copy of the model on the GPU
-            return 1
-        if self.quantization == "int8":  # fbgemm's dynamic int8 layers keep a second thread mostly idle: 1.2 cores
-            return 2
-        count = checkpoint.parameters(self.model_name, self.model_revision or None)
-        return 1 if count is not None and count >= ONE_WORKER_MIN_PARAMETERS else 2
-
-    @property
-    def batch_size(self) -> int:
-        """Rows one worker decodes at most: MAX_BATCH_SIZE, else 32 for a worker alone and 8 for each of several."""
-        if self.max_batch_size > 0:
-            return self.max_batch_size
-        return ONE_WORKER_BATCH if self.workers == 1 else SHARED_BATCH
-
-    @property
-    def threads_per_worker(self) -> int:
-        """Torch threads for one worker so that workers x threads fit the cores."""
-        if self.torch_threads > 0:
-            return self.torch_threads
-        return max(1, available_cpus() // self.workers)  # a container's CPU limit counts, not the host's cores
-
-    @property
-    def gguf_cache(self) -> str:
-        """The folder that holds GGUF files' conversions."""
-        return self.gguf_cache_dir or str(Path.home() / ".cache" / "llmapi" / "gguf")
+        WEB_CONCURRENCY: one worker on a GPU or for a model of real size, else 2. MAX_BATCH_SIZE: 32 for a worker
+        alone, 8 for each of several. TORCH_THREADS: the CPUs this process may use, divided among the workers.
+        """
+        on_gpu = self.device.startswith("cuda") or (self.device == "auto" and nvidia_gpu_visible())
+        workers = self.web_concurrency or _auto_workers(self, on_gpu=on_gpu)
+        return replace(
+            self,
+            web_concurrency=workers,
+            max_batch_size=self.max_batch_size or (ONE_WORKER_BATCH if workers == 1 else SHARED_BATCH),
+            # A container's CPU limit counts, not the host's cores.
+            torch_threads=self.torch_threads or max(1, available_cpus() // workers),
+            gguf_cache_dir=self.gguf_cache_dir or str(Path.home() / ".cache" / "llmapi" / "gguf"),
+        )
 
     @property
     def served_model(self) -> str:
@@ -237,7 +219,7 @@ class Settings:
                 values[f.name] = PARSERS[f.type](name, environ[name])
         settings = replace(cls(**values), **overrides)
         settings.check()
-        return settings
+        return settings.resolved()
 
     def check(self) -> None:
         """Refuse values the service cannot run with, naming the variable to fix."""
@@ -330,6 +312,16 @@ class Settings:
             raise ConfigError(f"LOG_FORMAT must be text or json, got {self.log_format!r}")
         if self.trusted_proxy_hops < 0:
             raise ConfigError(f"TRUSTED_PROXY_HOPS must not be negative, got {self.trusted_proxy_hops}")
+
+
+def _auto_workers(settings: Settings, *, on_gpu: bool) -> int:
+    """gunicorn worker processes when WEB_CONCURRENCY is 0: one on a GPU or for a model of real size, else 2."""
+    if on_gpu:  # one copy of the model on the GPU
+        return 1
+    if settings.quantization == "int8":  # fbgemm's dynamic int8 layers keep a second thread mostly idle: 1.2 cores
+        return 2
+    count = checkpoint.parameters(settings.model_name, settings.model_revision or None)
+    return 1 if count is not None and count >= ONE_WORKER_MIN_PARAMETERS else 2
 
 
 def documented() -> list[tuple[str, Any, str]]:

@@ -1,4 +1,6 @@
-"""Prometheus metrics: GET /metrics, summed over every gunicorn worker through prometheus_client's files."""
+"""Prometheus metrics: the registry, summed over every gunicorn worker through prometheus_client's files.
+
+Its route, GET /metrics, lives in http/metrics.py."""
 
 from __future__ import annotations
 
@@ -6,24 +8,19 @@ import itertools
 import time
 from typing import Any
 
-from flask import Flask, Response, current_app, request
-from flask_smorest import Blueprint
+from flask import Flask, Response, request
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import values as prometheus_values
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from llmapi.config import Settings
 from llmapi.engine.types import EngineStats, GenerationResult
-from llmapi.http.hooks import require_key
 
 EXTENSION = "llmapi.metrics"
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1, 2.5, 5)
-
-blp = Blueprint("metrics", __name__, description="Prometheus metrics, to be scraped from inside the network.")
 
 
 class Metrics:
@@ -78,7 +75,7 @@ class Metrics:
         )
         self.model_load_failures = Counter("model_load_failures", "failed model loads", **reg)
         self.models_loaded = Gauge("models_loaded", "workers with their model loaded", **live)
-        # Written by the gunicorn worker's main loop (llmapi/worker.py), which reads requests before a thread does.
+        # Written by the gunicorn worker's main loop (llmapi/gunicorn/worker.py), which reads requests first.
         self.connections = Gauge(
             "connections", "open client connections: reading, active (on a thread), idle, closing", ["state"], **live
         )
@@ -193,26 +190,3 @@ class Metrics:
 def _start_timer() -> None:
     """before_request: note when the request started."""
     request.environ["llmapi.started"] = time.perf_counter()
-
-
-def metrics() -> Metrics:
-    """The current app's metrics."""
-    return current_app.extensions[EXTENSION]
-
-
-@blp.route("/metrics", methods=["GET"])
-@blp.doc(
-    security=[],
-    responses={
-        "200": {
-            "description": "Prometheus text format, summed over every worker of this instance.",
-            "content": {"text/plain": {"schema": {"type": "string"}}},
-        }
-    },
-)
-def get_metrics() -> Any:
-    """Every worker's metrics in the Prometheus text format (open unless METRICS_KEY is set)."""
-    current = metrics()
-    if current.settings.metrics_keys:
-        require_key(tuple(key.encode("utf-8") for key in current.settings.metrics_keys))
-    return Response(current.render(), content_type=CONTENT_TYPE_PLAIN_0_0_4)

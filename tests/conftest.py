@@ -15,14 +15,14 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import requests
 
 from llmapi import create_app
 from llmapi.engine.chat import default_template
-from llmapi.engine.types import ContextLengthExceeded, GenerationRequest, GenerationResult
+from llmapi.engine.types import ContextLengthExceeded, GenerationRequest, GenerationResult, Piece
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "test-key-1"
@@ -40,9 +40,9 @@ class FakeHandle:
         self._pieces = pieces
         self.cancelled = False
 
-    def pieces(self) -> Iterator[str | GenerationResult]:
+    def pieces(self) -> Iterator[Piece | GenerationResult]:
         """Yield the canned pieces, then the result."""
-        yield from self._pieces
+        yield from (Piece(text) for text in self._pieces)
         yield self.result()
 
     def result(self) -> GenerationResult:
@@ -100,6 +100,13 @@ class FakeEngine:
     def outside(self, ids: Sequence[int]) -> int | None:
         """The first id at or above the vocabulary size, as the real engines answer it."""
         return next((token for token in ids if token >= self.vocab_size), None)
+
+    placement: ClassVar[dict[str, str]] = {}  # a fake runs nowhere
+    on_stats: ClassVar[Any] = None
+
+    def stats(self) -> dict[str, Any]:
+        """No live figures."""
+        return {}
 
 
 @pytest.fixture
@@ -188,7 +195,7 @@ def engine(tiny_model: str):
     """A real engine on the tiny model, shared by the engine tests."""
     from llmapi.engine import create_engine
 
-    return create_engine(tiny_model, threads=1, max_batch_size=8, batch_wait_ms=5)
+    return create_engine(tiny_model, torch_threads=1, max_batch_size=8, batch_wait_ms=5)
 
 
 @pytest.fixture(scope="session")
@@ -196,7 +203,7 @@ def sharp(sharp_model: str):
     """An engine on the sharp model (sharp_model)."""
     from llmapi.engine import create_engine
 
-    return create_engine(sharp_model, threads=1, max_batch_size=8, batch_wait_ms=5, dtype="float32")
+    return create_engine(sharp_model, torch_threads=1, max_batch_size=8, batch_wait_ms=5, dtype="float32")
 
 
 @pytest.fixture(scope="session")

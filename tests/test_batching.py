@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from llmapi.engine import GenerationRequest, create_engine
+from llmapi.engine.types import Piece
 from tests.conftest import run_concurrently
 
 PROMPT = "Artificial Intelligence is"
@@ -16,7 +17,7 @@ def start_long_stream(engine, prompt: str = "Hello"):
     handle = engine.submit(GenerationRequest(prompt=prompt, max_new_tokens=900, stream=True))
     pieces = handle.pieces()
     first = next(pieces)
-    assert isinstance(first, str)
+    assert isinstance(first, Piece)
     return handle, pieces
 
 
@@ -49,9 +50,9 @@ def test_batch_a_far_longer_row_decodes_in_a_lane_apart_and_matches_alone(sharp)
     assert len(sharp.prompt_ids(long)) > 800
     handles = [sharp.submit(request) for request in streams]
     for handle in handles:  # every stream decoding before the long prompt arrives
-        assert isinstance(next(handle.pieces()), str)
+        assert isinstance(next(handle.pieces()), Piece)
     late = [sharp.submit(long)]
-    assert isinstance(next(late[0].pieces()), str)  # decoding (its own prefill: not batched with the next one)
+    assert isinstance(next(late[0].pieces()), Piece)  # decoding (its own prefill: not batched with the next one)
     late.append(sharp.submit(short))
     results = [handle.result() for handle in [*handles, *late]]
     assert [r.text for r in results] == [r.text for r in alone]
@@ -62,7 +63,7 @@ def test_batch_a_far_longer_row_decodes_in_a_lane_apart_and_matches_alone(sharp)
 def test_lanes_are_kept_apart_only_when_merging_would_double_the_cells_read():
     import torch
 
-    from llmapi.engine.batching import MIN_PADDING_CELLS, Lane, apart, padding_cells
+    from llmapi.engine.lane import MIN_PADDING_CELLS, Lane, apart, padding_cells
 
     class Row:
         solo = False
@@ -130,7 +131,7 @@ def test_batch_timings_report_the_batch(sharp):
 def test_engine_close_fails_waiting_requests_and_refuses_new_ones(tiny_model):
     from llmapi.engine import EngineError
 
-    engine = create_engine(tiny_model, threads=1)
+    engine = create_engine(tiny_model, torch_threads=1)
     handle = engine.submit(GenerationRequest(prompt=PROMPT, max_new_tokens=900, stream=True))
     pieces = handle.pieces()
     next(pieces)

@@ -59,11 +59,11 @@ def test_settings_bad_values_name_the_variable(env, names):
         Settings.from_env({"API_KEY": "k", **env})
 
 
-def test_threads_per_worker_divides_the_cores(monkeypatch):
+def test_torch_threads_divide_the_cores(monkeypatch):
     monkeypatch.setattr("llmapi.config.available_cpus", lambda: 8)  # the CPUs this process may use (llmapi/cpus.py)
-    assert Settings.from_env({"API_KEY": "k", "WEB_CONCURRENCY": "2"}).threads_per_worker == 4
-    assert Settings.from_env({"API_KEY": "k", "WEB_CONCURRENCY": "16"}).threads_per_worker == 1
-    assert Settings.from_env({"API_KEY": "k", "TORCH_THREADS": "3"}).threads_per_worker == 3
+    assert Settings.from_env({"API_KEY": "k", "WEB_CONCURRENCY": "2"}).torch_threads == 4
+    assert Settings.from_env({"API_KEY": "k", "WEB_CONCURRENCY": "16"}).torch_threads == 1
+    assert Settings.from_env({"API_KEY": "k", "TORCH_THREADS": "3"}).torch_threads == 3
 
 
 def test_every_setting_is_documented():
@@ -160,11 +160,11 @@ def test_workers_and_batch_follow_the_model_size(tmp_path, monkeypatch, shape, e
     monkeypatch.setattr("llmapi.config.nvidia_gpu_visible", lambda: False)
     write_checkpoint(tmp_path / "model", {"w": shape})
     settings = Settings.from_env({"API_KEY": "k", "MODEL_NAME": str(tmp_path / "model"), **env})
-    assert (settings.workers, settings.batch_size) == (workers, batch)
+    assert (settings.web_concurrency, settings.max_batch_size) == (workers, batch)
 
 
 def test_the_tiny_model_keeps_two_workers(tiny_model, monkeypatch):
     monkeypatch.setattr("llmapi.config.nvidia_gpu_visible", lambda: False)
     monkeypatch.setattr("llmapi.config.available_cpus", lambda: 2)
     settings = Settings.from_env({"API_KEY": "k", "MODEL_NAME": tiny_model})
-    assert (settings.workers, settings.batch_size, settings.threads_per_worker) == (2, 8, 1)
+    assert (settings.web_concurrency, settings.max_batch_size, settings.torch_threads) == (2, 8, 1)

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def cuda_engine(tiny_model):
     """The tiny model on the first GPU, in fp32 so that batched and solo arithmetic round alike."""
-    return create_engine(tiny_model, threads=1, max_batch_size=8, batch_wait_ms=5, device="cuda", dtype="float32")
+    return create_engine(tiny_model, torch_threads=1, max_batch_size=8, batch_wait_ms=5, device="cuda", dtype="float32")
 
 
 def test_cuda_engine_puts_the_model_on_the_gpu(cuda_engine):
@@ -27,7 +27,7 @@ def test_cuda_engine_puts_the_model_on_the_gpu(cuda_engine):
 
 
 def test_cuda_auto_dtype_is_the_gpus_half_type(tiny_model):
-    engine = create_engine(tiny_model, threads=1, device="cuda")
+    engine = create_engine(tiny_model, torch_threads=1, device="cuda")
     expected = "bfloat16" if torch.cuda.is_bf16_supported() else "float32"  # the offline checkpoint is fp32
     assert engine.placement == {"device": "cuda:0", "dtype": expected}
     assert engine.generate(GenerationRequest(prompt="Hello", max_new_tokens=5, min_new_tokens=5)).completion_tokens == 5
@@ -61,5 +61,5 @@ def test_cuda_seed_repeats_under_load(cuda_engine):
 
 
 def test_cuda_simple_engine_generates_on_the_gpu(tiny_model):
-    simple = create_engine(tiny_model, threads=1, mode="simple", device="cuda")
+    simple = create_engine(tiny_model, torch_threads=1, engine_mode="simple", device="cuda")
     assert simple.generate(GenerationRequest(prompt="Hello", max_new_tokens=4, min_new_tokens=4)).completion_tokens == 4

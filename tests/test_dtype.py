@@ -10,7 +10,7 @@ import torch
 
 from llmapi.config import ConfigError, Settings
 from llmapi.cpus import cpu_flags, native_bf16, nvidia_gpu_visible
-from llmapi.engine import GenerationRequest, batching, create_engine, precision
+from llmapi.engine import GenerationRequest, create_engine, postprocess, precision
 from llmapi.engine.precision import BF16_MIN_PARAMETERS, PlacementError, choose_dtype, resolve_device
 from llmapi.engine.sampling import RowControls, choose, choose_on_device
 from llmapi.metrics import Metrics
@@ -120,12 +120,12 @@ def test_config_refuses_unknown_dtype_device_and_quantization(env, name):
 
 def test_config_workers_default_to_one_on_a_gpu(monkeypatch):
     monkeypatch.setattr("llmapi.config.nvidia_gpu_visible", lambda: False)
-    assert Settings.from_env({"API_KEY": "k"}).workers == 2
-    assert Settings.from_env({"API_KEY": "k", "DEVICE": "cuda"}).workers == 1
-    assert Settings.from_env({"API_KEY": "k", "DEVICE": "cuda:1", "WEB_CONCURRENCY": "3"}).workers == 3
+    assert Settings.from_env({"API_KEY": "k"}).web_concurrency == 2
+    assert Settings.from_env({"API_KEY": "k", "DEVICE": "cuda"}).web_concurrency == 1
+    assert Settings.from_env({"API_KEY": "k", "DEVICE": "cuda:1", "WEB_CONCURRENCY": "3"}).web_concurrency == 3
     monkeypatch.setattr("llmapi.config.nvidia_gpu_visible", lambda: True)
-    assert Settings.from_env({"API_KEY": "k"}).workers == 1
-    assert Settings.from_env({"API_KEY": "k", "DEVICE": "cpu"}).workers == 2
+    assert Settings.from_env({"API_KEY": "k"}).web_concurrency == 1
+    assert Settings.from_env({"API_KEY": "k", "DEVICE": "cpu"}).web_concurrency == 2
 
 
 @pytest.mark.parametrize(("flags", "expected"), [(ZEN4, "bfloat16"), (SKYLAKE, "float32")])
@@ -147,18 +147,18 @@ def test_load_auto_keeps_the_tiny_model_in_fp32_on_this_machine(engine):
 @pytest.fixture(scope="module")
 def bf16_engine(tiny_model):
     """The tiny model forced to bf16 (DTYPE=bfloat16)."""
-    return create_engine(tiny_model, threads=1, max_batch_size=8, batch_wait_ms=5, dtype="bfloat16")
+    return create_engine(tiny_model, torch_threads=1, max_batch_size=8, batch_wait_ms=5, dtype="bfloat16")
 
 
 def test_bf16_engine_upcasts_logits_before_sampling(bf16_engine, monkeypatch):
     seen: list[torch.dtype] = []
-    real = batching.choose
+    real = postprocess.choose
 
     def spy(logits, rows, eos_ids):
         seen.append(logits.dtype)
         return real(logits, rows, eos_ids)
 
-    monkeypatch.setattr(batching, "choose", spy)
+    monkeypatch.setattr(postprocess, "choose", spy)
     assert bf16_engine.placement == {"device": "cpu", "dtype": "bfloat16"}
     assert next(bf16_engine.loaded.model.parameters()).dtype == torch.bfloat16
     for request in (
@@ -199,7 +199,7 @@ def test_int8_quantizes_every_linear_layer_and_stays_close_to_fp32(tiny_model):
     with torch.inference_mode():
         a, b = fp32.model(input_ids=ids).logits, int8.model(input_ids=ids).logits
     assert b.dtype == torch.float32 and torch.allclose(a, b, atol=0.05 * float(a.abs().max()))
-    engine = create_engine(tiny_model, threads=1, quantization="int8")
+    engine = create_engine(tiny_model, torch_threads=1, quantization="int8")
     assert engine.placement == {"device": "cpu", "dtype": "int8"}
     assert engine.generate(GenerationRequest(prompt="Hello", max_new_tokens=6, min_new_tokens=6)).completion_tokens == 6
 
@@ -247,7 +247,7 @@ def test_gpt2_tanh_gelu_is_torch_fused_one_and_computes_the_same(tiny_model):
 
 
 def test_simple_engine_runs_in_bf16(tiny_model):
-    simple = create_engine(tiny_model, threads=1, mode="simple", dtype="bfloat16")
+    simple = create_engine(tiny_model, torch_threads=1, engine_mode="simple", dtype="bfloat16")
     result = simple.generate(GenerationRequest(prompt="Hello", max_new_tokens=5, min_new_tokens=5, do_sample=True))
     assert simple.placement["dtype"] == "bfloat16" and result.completion_tokens == 5
 

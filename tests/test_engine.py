@@ -55,14 +55,14 @@ def test_engine_refuses_more_than_the_context(engine):
 @pytest.fixture(scope="module")
 def eos_engine(tiny_model, tmp_path_factory):
     """The tiny model with its EOS id set to the token greedy decoding produces first, so it ends at once."""
-    probe = create_engine(tiny_model, threads=1)
+    probe = create_engine(tiny_model, torch_threads=1)
     first = hf_generate(probe, PROMPT, 1)[0]
     path = Path(tmp_path_factory.mktemp("eos-model"))
     shutil.copytree(tiny_model, path, dirs_exist_ok=True)
     config = json.loads((path / "generation_config.json").read_text())
     config["eos_token_id"] = first
     (path / "generation_config.json").write_text(json.dumps(config))
-    return create_engine(str(path), threads=1)
+    return create_engine(str(path), torch_threads=1)
 
 
 def test_engine_stops_at_eos(eos_engine):
@@ -120,7 +120,7 @@ def test_engine_stream_pieces_add_up_to_the_text(engine):
     handle = engine.submit(GenerationRequest(prompt=PROMPT, max_new_tokens=20, do_sample=True, seed=1, stream=True))
     items = list(handle.pieces())
     result = items[-1]
-    assert "".join(items[:-1]) == result.text
+    assert "".join(item.text for item in items[:-1]) == result.text
     assert len(items) > 2
 
 
@@ -131,7 +131,7 @@ def test_engine_stream_never_sends_a_stop_sequence(engine):
         GenerationRequest(prompt=PROMPT, max_new_tokens=20, do_sample=True, seed=9, stop=(stop,), stream=True)
     )
     items = list(handle.pieces())
-    streamed = "".join(items[:-1])
+    streamed = "".join(item.text for item in items[:-1])
     assert streamed == items[-1].text == full[: full.index(stop)]
 
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from llmapi.engine.types import EngineError, Grammar
-from tests.conftest import KEY, OTHER_KEY
+from llmapi.engine.types import EngineError, Grammar, Piece
+from tests.conftest import KEY, OTHER_KEY, FakeEngine
 
 
 def assert_error(response, status: int, *, param: str | None = None) -> dict[str, Any]:
@@ -266,10 +266,8 @@ def test_stream_sends_pieces_then_the_answer(client, auth):
     assert events[-1]["usage"]["completion_tokens"] == 3
 
 
-class BrokenEngine:
+class BrokenEngine(FakeEngine):
     """An engine whose every request fails inside generation."""
-
-    model_name = "broken"
 
     def submit(self, request):
         raise RuntimeError("secret internal detail")
@@ -392,15 +390,13 @@ def test_validation_accepts_good_values(client, auth, extra):
 def test_stream_reports_an_engine_failure_in_band(make_app, auth, fake_engine):
     class FailingHandle:
         def pieces(self):
-            yield " ok"
+            yield Piece(" ok")
             raise EngineError("torch broke")
 
         def cancel(self):
             self.cancelled = True
 
-    class Engine:
-        model_name = "x"
-
+    class Engine(FakeEngine):
         def submit(self, request):
             return FailingHandle()
 

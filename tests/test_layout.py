@@ -19,7 +19,7 @@ MODEL = ("torch", "transformers", "numpy", "tokenizers", "safetensors")
 RULES = [
     (
         "engine",
-        (*WEB, "llmapi.http", "llmapi.runtime", "llmapi.errors", "llmapi.metrics", "llmapi.logs", "llmapi.worker"),
+        (*WEB, "llmapi.http", "llmapi.runtime", "llmapi.errors", "llmapi.metrics", "llmapi.logs", "llmapi.gunicorn"),
     ),
     ("runtime", (*MODEL, "llmapi.http")),
     ("http", MODEL),
@@ -53,6 +53,10 @@ def test_layout_import_rules_hold(folder, forbidden):
     assert {path: names for path, names in found.items() if names} == {}
 
 
+def test_layout_the_metrics_registry_imports_nothing_from_http():
+    assert not [name for name in imported(PACKAGE / "metrics.py") if breaks(name, ("llmapi.http",))]
+
+
 def test_layout_http_uses_only_the_engine_s_plain_modules():
     used = {
         name for path in (PACKAGE / "http").rglob("*.py") for name in imported(path) if breaks(name, ("llmapi.engine",))
@@ -64,7 +68,7 @@ def test_layout_the_app_and_the_gunicorn_config_import_no_torch_and_start_no_thr
     code = (
         "import json, sys, threading, runpy;"
         "import wsgi; runpy.run_path('gunicorn.conf.py');"
-        "import llmapi.http.generate, llmapi.http.openai.routes, llmapi.runtime.runner, llmapi.worker;"
+        "import llmapi.http.generate, llmapi.http.openai.routes, llmapi.runtime.runner, llmapi.gunicorn.worker;"
         "print(json.dumps([sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')),"
         " threading.active_count()]))"
     )

@@ -86,7 +86,7 @@ def test_logprobs_stream_with_their_pieces(sharp):
     result = pieces.pop()
     assert all(isinstance(piece, Piece) for piece in pieces)
     assert tuple(entry for piece in pieces for entry in piece.logprobs) == result.logprobs
-    assert "".join(pieces) == result.text
+    assert "".join(piece.text for piece in pieces) == result.text
 
 
 def entry(text: str, logprob: float | None, top: tuple[TokenLogprob, ...] = ()) -> TokenLogprob:

@@ -95,7 +95,12 @@ class Recording:
     def __init__(self, engine: Any) -> None:
         self.engine = engine
         self.model_name = engine.model_name
+        self.placement = engine.placement
+        self.on_stats = None
         self.handles: list[Any] = []
+
+    def stats(self) -> dict[str, Any]:
+        return self.engine.stats()
 
     def submit(self, request: GenerationRequest) -> Any:
         handle = self.engine.submit(request)

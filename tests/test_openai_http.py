@@ -10,7 +10,7 @@ import pytest
 
 from llmapi.config import Settings
 from llmapi.engine.chat import ChatTemplateError, default_template
-from llmapi.engine.types import EngineError, GenerationRequest, GenerationResult
+from llmapi.engine.types import EngineError, GenerationRequest, GenerationResult, Piece
 from llmapi.http.openai.formats import finish_reason
 from tests.conftest import FAKE_CONTEXT, KEY, FakeEngine, FakeHandle
 from tests.test_http import assert_error
@@ -42,7 +42,7 @@ class FailingHandle(FakeHandle):
     """A generation that fails after its first piece."""
 
     def pieces(self):
-        yield " tok"
+        yield Piece(" tok")
         raise EngineError("generation failed: RuntimeError")
 
 

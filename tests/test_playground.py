@@ -232,7 +232,7 @@ def test_batching_engine_stats_count_a_row_while_it_decodes(engine):
 
 
 def test_simple_engine_stats(tiny_model):
-    simple = create_engine(tiny_model, mode="simple")
+    simple = create_engine(tiny_model, engine_mode="simple")
     assert simple.stats()["tokens_per_second"] == 0
     result = simple.generate(GenerationRequest(prompt="Hello", max_new_tokens=6, do_sample=False))
     stats = simple.stats()

@@ -18,14 +18,14 @@ LONG = " ".join(["tokens prompts and completions"] * 60)
 @pytest.fixture(scope="module")
 def cached(sharp_model: str):
     """The sharp model with a prefix cache and no chunking."""
-    return create_engine(sharp_model, threads=1, batch_wait_ms=5, dtype="float32", prefix_cache_mb=64)
+    return create_engine(sharp_model, torch_threads=1, batch_wait_ms=5, dtype="float32", prefix_cache_mb=64)
 
 
 @pytest.fixture(scope="module")
 def chunked(sharp_model: str):
     """The sharp model reading prompts 16 tokens per step, with a prefix cache."""
     return create_engine(
-        sharp_model, threads=1, batch_wait_ms=5, dtype="float32", prefix_cache_mb=64, prefill_chunk_tokens=16
+        sharp_model, torch_threads=1, batch_wait_ms=5, dtype="float32", prefix_cache_mb=64, prefill_chunk_tokens=16
     )
 
 
@@ -88,7 +88,7 @@ def test_prefix_cache_fully_cached_prompt_recomputes_its_last_token(sharp, cache
 
 def test_prefix_cache_under_eviction_pressure_keeps_text_and_bounds(sharp, sharp_model):
     small = create_engine(
-        sharp_model, threads=1, batch_wait_ms=5, dtype="float32", prefix_cache_mb=0.05
+        sharp_model, torch_threads=1, batch_wait_ms=5, dtype="float32", prefix_cache_mb=0.05
     )  # a few blocks
     try:
         requests = [GenerationRequest(prompt=f"{i} {SYSTEM} {i}", max_new_tokens=5) for i in range(6)] + chats(3)
@@ -196,8 +196,8 @@ def test_prompt_scoring_rows_bypass_the_cache_and_chunks_and_score_as_without_th
 
 def test_prefix_cache_keeps_greedy_text_in_bfloat16(sharp_model):
     """The cache stores and rebuilds KV in the model's own dtype: bf16 text with it equals bf16 text without it."""
-    plain = create_engine(sharp_model, threads=1, batch_wait_ms=5, dtype="bfloat16")
-    cached = create_engine(sharp_model, threads=1, batch_wait_ms=5, dtype="bfloat16", prefix_cache_mb=64)
+    plain = create_engine(sharp_model, torch_threads=1, batch_wait_ms=5, dtype="bfloat16")
+    cached = create_engine(sharp_model, torch_threads=1, batch_wait_ms=5, dtype="bfloat16", prefix_cache_mb=64)
     try:
         requests = chats(3)
         expected = [plain.generate(request).text for request in requests]

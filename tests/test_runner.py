@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from llmapi.engine.chat import default_template
-from llmapi.engine.types import ContextLengthExceeded, GenerationRequest, GenerationResult
+from llmapi.engine.types import ContextLengthExceeded, GenerationRequest, GenerationResult, Piece
 from llmapi.runtime.runner import start
 from tests.conftest import FAKE_CONTEXT, FakeEngine, FakeHandle
 
@@ -88,7 +88,7 @@ def test_runner_merges_every_choice_s_events_and_ends_each_with_its_result(servi
     generation = start(service, [request(tokens=2), request(tokens=3)])
     events = list(generation.events())
     ends = [index for index, item in events if isinstance(item, GenerationResult)]
-    pieces = {index: sum(1 for i, item in events if i == index and isinstance(item, str)) for index in (0, 1)}
+    pieces = {index: sum(1 for i, item in events if i == index and isinstance(item, Piece)) for index in (0, 1)}
     assert sorted(ends) == [0, 1] and pieces == {0: 2, 1: 3}
     assert service.admission.count == 0
 

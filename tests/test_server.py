@@ -160,7 +160,7 @@ def test_server_splits_keep_alive_connections_evenly_between_workers(start_serve
 
 
 def test_connection_board_reports_the_fewest_connections_of_other_live_workers():
-    from llmapi.worker import ConnectionBoard
+    from llmapi.gunicorn.board import ConnectionBoard
 
     board = ConnectionBoard()
     assert board.fewest_elsewhere(board.slot(1)) is None  # alone

@@ -13,7 +13,7 @@ LONG_PROMPT = " ".join(["tokens prompts and completions"] * 40)
 @pytest.fixture(scope="module")
 def simple_engine(sharp):
     """The baseline engine (ENGINE_MODE=simple) on the same model as `sharp`."""
-    return create_engine(sharp.model_name, threads=1, mode="simple", dtype="float32")
+    return create_engine(sharp.model_name, torch_threads=1, engine_mode="simple", dtype="float32")
 
 
 def test_simple_mode_greedy_matches_the_batch_engine(simple_engine, sharp):
@@ -41,7 +41,7 @@ def test_simple_mode_seed_reproduces_and_stop_cuts(simple_engine):
 def test_simple_mode_streams_one_piece_then_the_result(simple_engine):
     handle = simple_engine.submit(GenerationRequest(prompt=PROMPT, max_new_tokens=6, stream=True))
     items = list(handle.pieces())
-    assert len(items) == 2 and items[0] == items[1].text
+    assert len(items) == 2 and items[0].text == items[1].text
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ import requests
 import yaml
 
 from llmapi.config import ConfigError, Settings
-from llmapi.worker import HEAD_LIMIT, DeadlineUnreader, RequestBuffer
+from llmapi.gunicorn.reading import HEAD_LIMIT, DeadlineUnreader, RequestBuffer
 from tests.conftest import KEY, ROOT, Server
 from tests.ops_helpers import error_of, sample
 

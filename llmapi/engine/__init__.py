@@ -2,7 +2,9 @@
 
 import gc
 import os
+from typing import Any
 
+from llmapi.engine.config import EngineConfig
 from llmapi.engine.types import (
     ContextLengthExceeded,
     EngineError,
@@ -13,62 +15,44 @@ from llmapi.engine.types import (
 
 __all__ = [
     "ContextLengthExceeded",
+    "EngineConfig",
     "EngineError",
     "GenerationRequest",
     "GenerationResult",
     "ModelUnavailable",
     "create_engine",
+    "start_engine",
 ]
 
 
-def create_engine(
-    model_name: str,
-    *,
-    revision: str | None = None,
-    threads: int = 1,
-    max_batch_size: int = 8,
-    batch_wait_ms: float = 2.0,
-    prefix_cache_mb: float = 0.0,
-    prefix_cache_block_tokens: int = 16,
-    prefill_chunk_tokens: int = 0,
-    mode: str = "batch",
-    device: str = "auto",
-    dtype: str = "auto",
-    quantization: str = "none",
-    gguf_cache_dir: str = "",
-):  # -> llmapi.engine.batching.Engine, typed loosely so that importing this package stays torch-free
-    """Load `model_name` on `device` in `dtype` and start an engine on it (mode "batch", or "simple": the baseline).
+def create_engine(model_name: str, **options: Any):  # -> Engine; loosely typed: this package imports no torch
+    """Load `model_name` and start an engine on it; `options` are EngineConfig's fields. Imports torch."""
+    return start_engine(EngineConfig(model_name=model_name, **options))
 
-    `prefix_cache_mb` bounds the batching engine's prefix cache (0: off); `prefill_chunk_tokens` is the most prompt
-    tokens one row reads per engine step (0: a whole prompt at once). Imports torch.
-    """
+
+def start_engine(config: EngineConfig):  # -> llmapi.engine.engine.Engine, or the simple one
+    """Load the model `config` names on its device in its dtype and start an engine on it (ENGINE_MODE "batch", or
+    "simple": the baseline). Imports torch."""
     # The Rust tokenizer's own thread pool must not start in a process that serves threads of its own.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from llmapi.engine.batching import Engine
+    from llmapi.engine.engine import Engine
     from llmapi.engine.loader import load, set_threads
     from llmapi.engine.tuning import keep_freed_memory, release_freed_memory
 
     keep_freed_memory()
-    set_threads(threads)
+    set_threads(config.torch_threads)
     loaded = load(
-        model_name,
-        revision=revision,
-        device=device,
-        dtype=dtype,
-        quantization=quantization,
-        gguf_cache_dir=gguf_cache_dir,
+        config.model_name,
+        revision=config.model_revision or None,
+        device=config.device,
+        dtype=config.dtype,
+        quantization=config.quantization,
+        gguf_cache_dir=config.gguf_cache_dir,
     )
     gc.collect()  # the fp32 copies that bf16 or int8 replaced, before their pages go back
     release_freed_memory()
-    if mode == "simple":
+    if config.engine_mode == "simple":
         from llmapi.engine.simple import SimpleEngine
 
         return SimpleEngine(loaded)
-    return Engine(
-        loaded,
-        max_batch_size=max_batch_size,
-        batch_wait_ms=batch_wait_ms,
-        prefix_cache_mb=prefix_cache_mb,
-        block_tokens=prefix_cache_block_tokens,
-        prefill_chunk_tokens=prefill_chunk_tokens,
-    )
+    return Engine(loaded, config)

@@ -15,7 +15,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import DynamicCache
+
+from llmapi.engine.kv import rebuild_cache, select_rows
 
 
 class Prefill:
@@ -78,22 +79,4 @@ class Prefill:
         select = torch.tensor(index, dtype=torch.long, device=self.ids.device)
         self.ids, self.mask, self.positions = self.ids[select], self.mask[select], self.positions[select]
         if self.cache is not None:
-            self.cache.batch_select_indices(select)
-
-
-def rebuild_cache(cached: list[tuple[int, torch.Tensor | None]], width: int) -> DynamicCache:
-    """A DynamicCache of the cached prefixes, each `[layers, 2, heads, n, dim]`, left-padded with zeros to `width`."""
-    sample = next(kv for _, kv in cached if kv is not None)
-    layers, _, heads, _, dim = sample.shape
-    full = sample.new_zeros((layers, 2, len(cached), heads, width, dim))
-    for i, (n, kv) in enumerate(cached):
-        if kv is not None:
-            full[:, :, i, :, width - n :] = kv
-    return DynamicCache(ddp_cache_data=[(full[layer, 0], full[layer, 1]) for layer in range(layers)])
-
-
-def row_kv(cache: Any, row: int, columns: torch.Tensor) -> torch.Tensor:
-    """The keys and values of one row at `columns`, every layer: `[layers, 2, heads, len(columns), dim]`."""
-    return torch.stack(
-        [torch.stack([layer.keys[row][:, columns], layer.values[row][:, columns]]) for layer in cache.layers]
-    )
+            select_rows(self.cache, select)

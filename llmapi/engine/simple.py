@@ -5,16 +5,16 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
-from llmapi.engine.base import ModelFront
 from llmapi.engine.loader import LoadedModel
 from llmapi.engine.stats import TokenRate, model_facts
 from llmapi.engine.text import StopMatcher
-from llmapi.engine.types import EngineError, GenerationRequest, GenerationResult, InvalidRequest
+from llmapi.engine.tokenizer import Tokenizer
+from llmapi.engine.types import EngineError, EngineStats, GenerationRequest, GenerationResult, InvalidRequest, Piece
 
 # What only the batching engine does; this baseline refuses a request that asks for any of it.
 BATCH_ONLY = {
@@ -39,11 +39,11 @@ class SimpleHandle:
         self._submitted = submitted
         self._result: GenerationResult | None = None
 
-    def pieces(self) -> Iterator[str | GenerationResult]:
+    def pieces(self) -> Iterator[Piece | GenerationResult]:
         """Yield the whole text as one piece (this mode does not stream token by token), then the result."""
         result = self.result()
         if result.text:
-            yield result.text
+            yield Piece(result.text)
         yield result
 
     def result(self) -> GenerationResult:
@@ -56,7 +56,7 @@ class SimpleHandle:
         """Nothing to stop: the generation runs to its end (or its deadline) in the caller's thread."""
 
 
-class SimpleEngine(ModelFront):
+class SimpleEngine(Tokenizer):
     """transformers' `generate`, one request at a time per process: what a server without batching does."""
 
     def __init__(self, loaded: LoadedModel) -> None:
@@ -66,6 +66,7 @@ class SimpleEngine(ModelFront):
         self._rate = TokenRate()
         self._inside = 0  # callers in run(): the one generating and those waiting for the lock
         self._inside_lock = threading.Lock()
+        self.on_stats: Callable[[EngineStats], None] | None = None  # never called: no queue, no prefix cache
 
     def stats(self) -> dict[str, Any]:
         """Live figures for the status route; tokens are counted when each generation ends (nothing streams)."""

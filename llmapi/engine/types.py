@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class EngineError(Exception):
@@ -136,18 +136,12 @@ class GenerationResult:
         return self.prompt_tokens + self.completion_tokens
 
 
-class Piece(str):
-    """A streamed piece of text that also carries the log-probabilities of the tokens it completes.
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """A streamed piece of text, and the log-probabilities of the tokens it completes (() unless the request asked)."""
 
-    A `str`, so that every consumer of plain pieces keeps working; `logprobs` is () unless the request asked.
-    """
-
-    logprobs: tuple[TokenLogprob, ...]
-
-    def __new__(cls, text: str, logprobs: tuple[TokenLogprob, ...] = ()) -> Piece:
-        piece = super().__new__(cls, text)
-        piece.logprobs = logprobs
-        return piece
+    text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -166,17 +160,22 @@ class EngineStats:
 class Handle(Protocol):
     """One generation in progress, as every engine hands it out."""
 
-    def pieces(self) -> Iterator[str | GenerationResult]: ...
+    def pieces(self) -> Iterator[Piece | GenerationResult]: ...
     def result(self) -> GenerationResult: ...
     def cancel(self) -> None: ...
 
 
 class EngineLike(Protocol):
-    """What the runtime uses of an engine (the batching one, the simple one, or a fake in tests)."""
+    """What the runtime uses of an engine (the batching one, the simple one, or a fake in tests): all of it."""
 
     model_name: str
     context_length: int
     vocab_size: int
+    placement: dict[str, str]  # where the model runs and in which dtype ({} when the engine cannot say)
+    # Set by the runtime, called from the engine's thread with an EngineStats when the queue or the cache changed.
+    on_stats: Callable[[EngineStats], None] | None
+
+    def stats(self) -> dict[str, Any]: ...  # live figures for /status ({} when the engine has none)
 
     def submit(self, request: GenerationRequest) -> Handle: ...
     def render_chat(self, messages: Sequence[Mapping[str, str]]) -> str: ...

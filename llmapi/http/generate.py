@@ -260,9 +260,9 @@ class GenerateFormat:
             if isinstance(item, GenerationResult):
                 yield self._response.dump(self.body([item]))
             elif self.args["details"]:
-                yield {"token": {"text": str(item)}, "tokens": [token_body(e) for e in getattr(item, "logprobs", ())]}
+                yield {"token": {"text": item.text}, "tokens": [token_body(entry) for entry in item.logprobs]}
             else:
-                yield {"token": {"text": item}}
+                yield {"token": {"text": item.text}}
 
 
 def context_too_long(exc: ContextLengthExceeded) -> Response:

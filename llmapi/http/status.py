@@ -72,7 +72,7 @@ def status() -> dict[str, Any]:
         "source": settings.model_name,
         "engine_mode": live.get("engine_mode", settings.engine_mode),
         **{name: live.get(name) for name in LIVE},
-        "max_batch_size": live.get("max_batch_size", settings.batch_size),
+        "max_batch_size": live.get("max_batch_size", settings.max_batch_size),
         "in_flight": service.admission.count,
         "admission_limit": service.admission.limit,
         "pid": os.getpid(),

@@ -19,7 +19,8 @@ from llmapi.engine.types import InvalidRequest
 from llmapi.errors import refusal
 from llmapi.http.fields import MAX_TOKEN_ID, ErrorSchema, StrictBoolean, StrictInteger, Text
 from llmapi.http.hooks import require_api_key, require_json
-from llmapi.http.openai.schemas import MAX_MESSAGES, MAX_MODEL_CHARS, ContentField, MessageSchema
+from llmapi.http.openai.params import ContentField
+from llmapi.http.openai.schemas import MAX_MESSAGES, MAX_MODEL_CHARS, MessageSchema
 from llmapi.runtime.runner import admitted
 from llmapi.runtime.service import engine_service
 

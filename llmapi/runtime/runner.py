@@ -15,12 +15,12 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
-from llmapi.engine.types import EngineLike, GenerationRequest, GenerationResult
+from llmapi.engine.types import EngineLike, GenerationRequest, GenerationResult, Piece
 from llmapi.runtime.admission import Slot
 from llmapi.runtime.service import EngineService
 from llmapi.runtime.tracking import TrackedHandle
 
-Event = tuple[int, str | GenerationResult]  # (choice index, a text piece or the choice's result)
+Event = tuple[int, Piece | GenerationResult]  # (choice index, a text piece or the choice's result)
 _END = object()  # marks the end of one choice's events in Generation.events()
 
 

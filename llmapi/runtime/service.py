@@ -13,6 +13,7 @@ from typing import Any
 from flask import Flask, current_app
 
 from llmapi.config import Settings
+from llmapi.engine.config import EngineConfig
 from llmapi.engine.types import EngineLike, ModelUnavailable
 from llmapi.metrics import Metrics
 from llmapi.runtime.admission import Admission
@@ -26,23 +27,9 @@ EngineFactory = Callable[[Settings], EngineLike]
 
 def load_engine(settings: Settings) -> EngineLike:
     """Load the configured model into a new engine (imports torch)."""
-    from llmapi.engine import create_engine
+    from llmapi.engine import start_engine
 
-    return create_engine(
-        settings.model_name,
-        revision=settings.model_revision or None,
-        threads=settings.threads_per_worker,
-        max_batch_size=settings.batch_size,
-        batch_wait_ms=settings.batch_wait_ms,
-        prefix_cache_mb=settings.prefix_cache_mb,
-        prefix_cache_block_tokens=settings.prefix_cache_block_tokens,
-        prefill_chunk_tokens=settings.prefill_chunk_tokens,
-        mode=settings.engine_mode,
-        device=settings.device,
-        dtype=settings.dtype,
-        quantization=settings.quantization,
-        gguf_cache_dir=settings.gguf_cache,
-    )
+    return start_engine(EngineConfig.from_settings(settings))
 
 
 class EngineService:
@@ -70,8 +57,8 @@ class EngineService:
 
     @property
     def placement(self) -> dict[str, str]:
-        """The loaded model's device and dtype (empty before it loads, or from an engine that has none)."""
-        return dict(getattr(self._engine, "placement", None) or {})
+        """The loaded model's device and dtype (empty before it loads, or from an engine that cannot say)."""
+        return dict(self._engine.placement) if self._engine is not None else {}
 
     @property
     def loading(self) -> bool:
@@ -85,8 +72,7 @@ class EngineService:
 
     def stats(self) -> dict[str, Any] | None:
         """The engine's live figures, or None while no model is loaded here (this never loads one)."""
-        stats = getattr(self._engine, "stats", None)
-        return stats() if stats is not None else None
+        return self._engine.stats() if self._engine is not None else None
 
     def get(self) -> EngineLike:
         """Return the engine, loading it on first use; raise ModelUnavailable if that fails."""
@@ -154,8 +140,7 @@ class EngineService:
             self.metrics.observe_load(None)
             raise self._failure from exc
         self._failure = None
-        if hasattr(self._engine, "on_stats"):  # the batching engine reports its queue and prefix cache
-            self._engine.on_stats = self.metrics.observe_engine
+        self._engine.on_stats = self.metrics.observe_engine  # the batching engine reports its queue and prefix cache
         seconds = time.perf_counter() - started
         log.info("pid=%d loaded model %s in %.2fs", os.getpid(), name, seconds)
         self.metrics.observe_load(seconds, placement=self.placement)

@@ -6,7 +6,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 
-from llmapi.engine.types import GenerationRequest, GenerationResult, Handle
+from llmapi.engine.types import GenerationRequest, GenerationResult, Handle, Piece
 from llmapi.logs import current_request_id
 from llmapi.metrics import Metrics
 
@@ -36,7 +36,7 @@ class TrackedHandle:
         # Kept for the log line: the runner may read the handle from another thread (it merges n choices so).
         self._request_id = current_request_id()
 
-    def pieces(self) -> Iterator[str | GenerationResult]:
+    def pieces(self) -> Iterator[Piece | GenerationResult]:
         """Yield the engine's text pieces, then its result, recording the end."""
         try:
             for item in self._inner.pieces():

@@ -7,7 +7,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from llmapi.engine.types import GenerationResult, TokenLogprob
+from llmapi.engine.types import GenerationResult, Piece, TokenLogprob
 from llmapi.runtime.runner import Event
 
 # OpenAI names two endings: "stop" (the model ended, or a stop sequence matched) and "length" (max_tokens).
@@ -19,11 +19,6 @@ FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "timeout": 
 def finish_reason(result: GenerationResult) -> str:
     """Name the way a generation ended as OpenAI does."""
     return FINISH_REASONS.get(result.finish_reason, result.finish_reason)
-
-
-def scored(piece: str) -> tuple[TokenLogprob, ...]:
-    """The log-probabilities a streamed piece carries (engine/types.py's Piece), if any."""
-    return getattr(piece, "logprobs", ())
 
 
 def legacy_logprobs(entries: Sequence[TokenLogprob], offset: int = 0) -> dict[str, list[Any]]:
@@ -91,7 +86,7 @@ class OpenAIFormat:
             if isinstance(item, GenerationResult):
                 results[index] = item
                 yield {**head, "choices": [self.closing(index, item)], **extra}
-            elif item or scored(item):
+            elif item.text or item.logprobs:
                 yield {**head, "choices": [self.delta(index, item)], **extra}
         if self.include_usage:
             yield {**head, "choices": [], "usage": usage(results, self.n)}
@@ -104,7 +99,7 @@ class OpenAIFormat:
         """The first chunk of a streamed choice, if its kind has one."""
         raise NotImplementedError
 
-    def delta(self, index: int, text: str) -> dict[str, Any]:
+    def delta(self, index: int, piece: Piece) -> dict[str, Any]:
         """A chunk of new text."""
         raise NotImplementedError
 
@@ -151,13 +146,13 @@ class CompletionFormat(OpenAIFormat):
         """The first chunk of a streamed choice: the prompt when echoing."""
         return self._choice(index, self.prompts[index], None) if self.echo else None
 
-    def delta(self, index: int, text: str) -> dict[str, Any]:
+    def delta(self, index: int, piece: Piece) -> dict[str, Any]:
         """A chunk of new text, with its tokens' log-probabilities when asked."""
         logprobs = None
         if self.logprobs is not None:
-            logprobs = legacy_logprobs(scored(text), self._offsets[index])
-            self._offsets[index] += sum(len(entry.text) for entry in scored(text))
-        return self._choice(index, str(text), None, logprobs)
+            logprobs = legacy_logprobs(piece.logprobs, self._offsets[index])
+            self._offsets[index] += sum(len(entry.text) for entry in piece.logprobs)
+        return self._choice(index, piece.text, None, logprobs)
 
     def closing(self, index: int, result: GenerationResult) -> dict[str, Any]:
         """The last chunk of a streamed choice."""
@@ -187,12 +182,12 @@ class ChatFormat(OpenAIFormat):
         """The first chunk of a streamed choice carries the role."""
         return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
 
-    def delta(self, index: int, text: str) -> dict[str, Any]:
+    def delta(self, index: int, piece: Piece) -> dict[str, Any]:
         """A chunk of new text."""
         return {
             "index": index,
-            "delta": {"content": str(text)},
-            "logprobs": self._logprobs(scored(text)),
+            "delta": {"content": piece.text},
+            "logprobs": self._logprobs(piece.logprobs),
             "finish_reason": None,
         }
 

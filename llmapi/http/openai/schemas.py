@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,21 +10,17 @@ from marshmallow.validate import Length, OneOf, Range
 
 from llmapi.config import Settings
 from llmapi.engine.chat import ROLES
-from llmapi.engine.types import Grammar
 from llmapi.http.fields import (
     MAX_REPETITION_PENALTY,
     MAX_SEED,
-    MAX_TOKEN_ID,
     MAX_TOP_K,
     PenaltiesSchema,
-    StopField,
     StrictBoolean,
     StrictFloat,
     StrictInteger,
     UsageSchema,
-    is_text,
-    schema_source,
 )
+from llmapi.http.openai.params import ContentField, OpenAIStopField, PromptField, ResponseFormatField, Unsupported
 from llmapi.http.sse import event_schema
 
 MAX_MESSAGES = 256
@@ -34,184 +29,7 @@ MAX_USER_CHARS = 256
 MAX_TEMPERATURE = 2.0  # OpenAI's documented range (/generate follows transformers' wider one)
 MAX_COMPLETION_LOGPROBS = 5  # /v1/completions' logprobs, as OpenAI's legacy API
 MAX_TOP_LOGPROBS = 20  # /v1/chat/completions' top_logprobs
-MAX_SCHEMA_NAME = 64
 CHUNK_EVENT_SCHEMA = event_schema("JSON: a chunk (or an error object), or `[DONE]` at the end")
-
-
-def same(value: Any, neutral: Any) -> bool:
-    """Compare JSON values as JSON does: 0 and 0.0 are equal, but true is not 1."""
-    numbers = (int, float)
-    if isinstance(value, numbers) and isinstance(neutral, numbers) and bool not in (type(value), type(neutral)):
-        return value == neutral
-    return type(value) is type(neutral) and value == neutral
-
-
-class OpenAIStopField(StopField):
-    """Like /generate's stop, and an empty list means no stop sequence (as OpenAI's clients may send)."""
-
-    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> tuple[str, ...]:
-        if value == []:
-            return ()
-        return super()._deserialize(value, attr, data, **kwargs)
-
-    def _jsonschema_type_mapping(self) -> dict[str, Any]:
-        """The OpenAPI schema of this field: /generate's, with the empty list allowed."""
-        schema = super()._jsonschema_type_mapping()
-        return {"oneOf": [schema["oneOf"][0], {**schema["oneOf"][1], "minItems": 0}]}
-
-
-def is_ids(value: Any) -> bool:
-    """Whether `value` is a list of token ids (JSON integers, not booleans)."""
-    return isinstance(value, list) and bool(value) and all(type(item) is int for item in value)
-
-
-class PromptField(fields.Field):
-    """A prompt, or a list of prompts, as text or token ids: a tuple of non-empty strings or tuples of ids."""
-
-    def __init__(self, *, max_chars: int, max_items: int, **kwargs: Any) -> None:
-        text = {"type": "string", "minLength": 1, "maxLength": max_chars}
-        many = {"type": "array", "items": text, "minItems": 1, "maxItems": max_items}
-        token = {"type": "integer", "minimum": 0, "maximum": MAX_TOKEN_ID}
-        ids = {"type": "array", "items": token, "minItems": 1, "maxItems": max_chars}
-        many_ids = {"type": "array", "items": ids, "minItems": 1, "maxItems": max_items}
-        schemas = [text, many, ids, many_ids]
-        super().__init__(metadata={"oneOf": schemas, **kwargs.pop("metadata", {})}, **kwargs)
-        self.max_chars = max_chars
-        self.max_items = max_items
-
-    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> tuple[str | tuple[int, ...], ...]:
-        if is_ids(value) or (isinstance(value, list) and value and all(is_ids(item) for item in value)):
-            return self._ids(value)
-        items = [value] if isinstance(value, str) else value
-        if not isinstance(items, list) or not 0 < len(items) <= self.max_items:
-            raise ValidationError(
-                f"Must be a string, a list of 1 to {self.max_items} strings, a list of token ids or a list of such"
-                " lists."
-            )
-        if not all(isinstance(item, str) and 0 < len(item) <= self.max_chars for item in items):
-            raise ValidationError(f"Every prompt must be a string of 1 to {self.max_chars} characters.")
-        if not all(is_text(item) for item in items):
-            raise ValidationError("Must be valid Unicode text (it has an unpaired surrogate).")
-        return tuple(items)
-
-    def _ids(self, value: list[Any]) -> tuple[tuple[int, ...], ...]:
-        """Token-id prompts: one list of ids, or a list of them."""
-        prompts = [value] if is_ids(value) else value
-        if len(prompts) > self.max_items:
-            raise ValidationError(f"At most {self.max_items} prompts.")
-        for ids in prompts:
-            if len(ids) > self.max_chars or not all(0 <= token <= MAX_TOKEN_ID for token in ids):
-                raise ValidationError(f"A token-id prompt holds 1 to {self.max_chars} ids, each 0 to {MAX_TOKEN_ID}.")
-        return tuple(tuple(ids) for ids in prompts)
-
-
-class ContentField(fields.Field):
-    """A message's content: a string, or a list of text parts joined with newlines."""
-
-    def __init__(self, *, max_chars: int, **kwargs: Any) -> None:
-        text = {"type": "string", "maxLength": max_chars}
-        part = {
-            "type": "object",
-            "required": ["type", "text"],
-            "properties": {"type": {"type": "string", "enum": ["text"]}, "text": text},
-            "additionalProperties": False,
-        }
-        super().__init__(metadata={"oneOf": [text, {"type": "array", "items": part}]}, **kwargs)
-        self.max_chars = max_chars
-
-    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
-        if isinstance(value, list):
-            value = "\n".join(self._part_text(part) for part in value)
-        if not isinstance(value, str):
-            raise ValidationError("Must be a string or a list of text parts.")
-        if len(value) > self.max_chars:
-            raise ValidationError(f"Longer than {self.max_chars} characters.")
-        if not is_text(value):
-            raise ValidationError("Must be valid Unicode text (it has an unpaired surrogate).")
-        return value
-
-    @staticmethod
-    def _part_text(part: Any) -> str:
-        """Return the text of one {"type": "text", "text": ...} part; other kinds (images, audio) are refused."""
-        if not isinstance(part, dict) or part.get("type") != "text" or set(part) != {"type", "text"}:
-            raise ValidationError('Only text content parts ({"type": "text", "text": "..."}) are supported.')
-        if not isinstance(part["text"], str):
-            raise ValidationError("A text part's text must be a string.")
-        return part["text"]
-
-
-class Unsupported(fields.Field):
-    """An OpenAI parameter this server does not implement: accepted only with a value that asks for nothing."""
-
-    def __init__(self, *neutral: Any, **kwargs: Any) -> None:
-        allowed = " or ".join(["null", *(json.dumps(value) for value in neutral)])
-        self.hint = f"Not supported by this server; leave it out (accepted: {allowed})."
-        metadata = {"description": self.hint, "enum": [None, *neutral]}
-        super().__init__(allow_none=True, metadata=metadata, **kwargs)
-        self.neutral = neutral
-
-    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
-        if not any(same(value, ok) for ok in self.neutral):
-            raise ValidationError(self.hint)
-        return value
-
-
-class ResponseFormatField(fields.Field):
-    """response_format: text, json_object (any JSON object) or json_schema; loads as a Grammar, or None for text."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        kinds = {"type": "string", "enum": ["text", "json_object", "json_schema"]}
-        json_schema = {
-            "type": "object",
-            "required": ["name"],
-            "properties": {
-                "name": {"type": "string", "maxLength": MAX_SCHEMA_NAME},
-                "description": {"type": "string"},
-                "schema": {"type": "object", "description": "the JSON schema the answer must validate against"},
-                "strict": {"type": "boolean", "nullable": True},
-            },
-            "additionalProperties": False,
-        }
-        schema = {
-            "type": "object",
-            "required": ["type"],
-            "properties": {"type": kinds, "json_schema": json_schema},
-            "additionalProperties": False,
-            "description": "constrain the output: JSON mode, or JSON validating a schema (enforced token by token)",
-        }
-        super().__init__(metadata=schema, **kwargs)
-
-    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Grammar | None:
-        if not isinstance(value, dict) or value.get("type") not in ("text", "json_object", "json_schema"):
-            raise ValidationError('Must be {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", ...}.')
-        kind = value["type"]
-        if set(value) - {"type", "json_schema"}:
-            raise ValidationError("response_format takes type and json_schema.")
-        spec = value.get("json_schema")
-        if "json_schema" in value or kind == "json_schema":  # checked whatever the type, as the spec declares it
-            _check_json_schema(spec)
-        if kind == "text":
-            return None
-        if kind == "json_object":
-            return Grammar("json_object")
-        try:
-            return Grammar("json_schema", schema_source(spec.get("schema", {})))
-        except ValidationError as exc:
-            raise ValidationError(f"json_schema.schema: {exc.messages[0]}") from exc
-
-
-def _check_json_schema(spec: Any) -> None:
-    """Refuse a json_schema object that its declared shape (name required, four fields) does not allow."""
-    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or len(spec["name"]) > MAX_SCHEMA_NAME:
-        raise ValidationError(f"json_schema must be an object with a name of at most {MAX_SCHEMA_NAME} characters.")
-    if set(spec) - {"name", "description", "schema", "strict"}:
-        raise ValidationError("json_schema takes name, description, schema and strict.")
-    if not isinstance(spec.get("description", ""), str):
-        raise ValidationError("json_schema.description must be a string.")
-    if not isinstance(spec.get("schema", {}), dict):
-        raise ValidationError("json_schema.schema must be an object.")
-    if spec.get("strict") not in (None, True, False):
-        raise ValidationError("json_schema.strict must be a boolean.")
 
 
 class StreamOptionsSchema(Schema):
@@ -246,19 +64,32 @@ class ModelListSchema(Schema):
     data = fields.List(fields.Nested(ModelSchema), required=True)
 
 
-class CompletionChoiceSchema(Schema):
+class ChoiceSchema(Schema):
+    """What every choice carries: its index, its tokens' log-probabilities when asked, how it ended."""
+
+    index = fields.Integer(required=True)
+    logprobs = fields.Raw(allow_none=True)
+    finish_reason = fields.String(required=True, metadata={"description": "stop, length or timeout"})
+
+
+def logprobs_field(shape: str) -> fields.Raw:
+    """A choice's logprobs, `shape` saying what it holds when asked for."""
+    raw = "the model's raw log-softmax, before temperature, penalties and biases"
+    return fields.Raw(allow_none=True, metadata={"description": f"{shape}; {raw}"})
+
+
+class CompletionChoiceSchema(ChoiceSchema):
     """One completion."""
+
+    class Meta:
+        fields = ("index", "text", "logprobs", "finish_reason")  # in OpenAI's order
 
     index = fields.Integer(required=True, metadata={"description": "prompt index x n + choice index"})
     text = fields.String(required=True)
-    logprobs = fields.Raw(
-        allow_none=True,
-        metadata={
-            "description": "with `logprobs`: `tokens`, `token_logprobs`, `top_logprobs` (a dict per position) and"
-            " `text_offset` (into `text`); the model's raw log-softmax, before temperature, penalties and biases"
-        },
+    logprobs = logprobs_field(
+        "with `logprobs`: `tokens`, `token_logprobs`, `top_logprobs` (a dict per position) and `text_offset` (into"
+        " `text`)"
     )
-    finish_reason = fields.String(required=True, metadata={"description": "stop, length or timeout"})
 
 
 class ResponseHeadSchema(Schema):
@@ -285,19 +116,14 @@ class ChatMessageOutSchema(Schema):
     content = fields.String(required=True)
 
 
-class ChatChoiceSchema(Schema):
+class ChatChoiceSchema(ChoiceSchema):
     """One chat completion."""
 
-    index = fields.Integer(required=True)
+    class Meta:
+        fields = ("index", "message", "logprobs", "finish_reason")  # in OpenAI's order
+
     message = fields.Nested(ChatMessageOutSchema, required=True)
-    logprobs = fields.Raw(
-        allow_none=True,
-        metadata={
-            "description": "with `logprobs: true`: `content`, a list of {token, logprob, bytes, top_logprobs}; the"
-            " model's raw log-softmax, before temperature, penalties and biases"
-        },
-    )
-    finish_reason = fields.String(required=True, metadata={"description": "stop, length or timeout"})
+    logprobs = logprobs_field("with `logprobs: true`: `content`, a list of {token, logprob, bytes, top_logprobs}")
 
 
 class ChatCompletionResponseSchema(ResponseHeadSchema):
@@ -316,9 +142,43 @@ class OpenAISchemas:
 
 def build(settings: Settings) -> OpenAISchemas:
     """Make the /v1 request schemas with the limits in `settings` baked in (so the OpenAPI spec shows them)."""
+    sampling = sampling_schema(settings)
+    return OpenAISchemas(completion=completion_schema(settings, sampling), chat=chat_schema(settings, sampling))
+
+
+def max_tokens_field(settings: Settings, *, least: int, **metadata: Any) -> StrictInteger:
+    """max_tokens: at least `least` (0: score the prompt only), at most MAX_NEW_TOKENS_LIMIT."""
+    limit = settings.max_new_tokens_limit
+    return StrictInteger(
+        allow_none=True,
+        load_default=settings.max_new_tokens_default,
+        validate=Range(min=least, max=limit),
+        metadata={"example": min(16, limit), **metadata},
+    )
+
+
+class SamplingChecks(PenaltiesSchema):
+    """The checks /v1/completions and /v1/chat/completions share (their fields: sampling_schema)."""
+
+    @validates_schema
+    def _min_below_max(self, data: dict[str, Any], **kwargs: Any) -> None:
+        top = data.get("max_completion_tokens", data.get("max_tokens", 0))
+        if data.get("min_tokens", 0) > top:
+            raise ValidationError("must not exceed max_tokens.", "min_tokens")
+
+    @pre_load
+    def _null_is_absent(self, data: Any, **kwargs: Any) -> Any:
+        # OpenAI's API treats an optional parameter sent as null as not sent; so do we.
+        if not isinstance(data, dict):
+            return data
+        return {key: value for key, value in data.items() if value is not None or key in ("prompt", "messages")}
+
+
+def sampling_schema(settings: Settings) -> type[Schema]:
+    """The parameters /v1/completions and /v1/chat/completions share, with this app's limits."""
     limit, choices = settings.max_new_tokens_limit, settings.openai_max_choices
 
-    class SamplingSchema(PenaltiesSchema):
+    class SamplingSchema(SamplingChecks):
         """The parameters /v1/completions and /v1/chat/completions share."""
 
         model = fields.String(
@@ -326,12 +186,7 @@ def build(settings: Settings) -> OpenAISchemas:
             validate=Length(min=1, max=MAX_MODEL_CHARS),
             metadata={"description": "the id /v1/models lists; optional", "example": settings.served_model},
         )
-        max_tokens = StrictInteger(
-            allow_none=True,
-            load_default=settings.max_new_tokens_default,
-            validate=Range(min=1, max=limit),
-            metadata={"example": min(16, limit)},
-        )
+        max_tokens = max_tokens_field(settings, least=1)
         temperature = StrictFloat(
             allow_none=True,
             load_default=1.0,
@@ -382,33 +237,44 @@ def build(settings: Settings) -> OpenAISchemas:
             metadata={"description": "end-of-sequence suppressed until this many tokens (vLLM's extra)"},
         )
 
-        @validates_schema
-        def _min_below_max(self, data: dict[str, Any], **kwargs: Any) -> None:
-            top = data.get("max_completion_tokens", data.get("max_tokens", 0))
-            if data.get("min_tokens", 0) > top:
-                raise ValidationError("must not exceed max_tokens.", "min_tokens")
+    return SamplingSchema
 
-        @pre_load
-        def _null_is_absent(self, data: Any, **kwargs: Any) -> Any:
-            # OpenAI's API treats an optional parameter sent as null as not sent; so do we.
-            if not isinstance(data, dict):
-                return data
-            return {key: value for key, value in data.items() if value is not None or key in ("prompt", "messages")}
 
-    class CompletionRequestSchema(SamplingSchema):
+class CompletionChecks(Schema):
+    """The checks of a /v1/completions body (its fields: completion_schema)."""
+
+    max_choices = 1  # OPENAI_MAX_CHOICES, set per app
+
+    @validates_schema
+    def _choices_fit(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if len(data.get("prompt", ())) * data.get("n", 1) > self.max_choices:
+            raise ValidationError(f"prompts x n must be at most {self.max_choices}.", "n")
+
+    @validates_schema
+    def _zero_needs_echo(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if data.get("max_tokens") == 0 and not data.get("echo"):
+            raise ValidationError("0 is allowed only with echo: true (score the prompt).", "max_tokens")
+        if data.get("echo") and data.get("stream") and "logprobs" in data:
+            raise ValidationError("echo with logprobs is not served in a stream; send stream: false.", "stream")
+        if data.get("echo") and data.get("stream") and any(not isinstance(p, str) for p in data.get("prompt", ())):
+            raise ValidationError("echo of a token-id prompt is not served in a stream.", "stream")
+
+
+def completion_schema(settings: Settings, sampling: type[Schema]) -> type[Schema]:
+    """The body of POST /v1/completions, with this app's limits."""
+
+    class CompletionRequestSchema(CompletionChecks, sampling):  # type: ignore[valid-type,misc]
         """The body of POST /v1/completions."""
 
+        max_choices = settings.openai_max_choices
         prompt = PromptField(
             required=True,
             max_chars=settings.max_prompt_chars,
-            max_items=choices,
+            max_items=settings.openai_max_choices,
             metadata={"example": "Artificial Intelligence is"},
         )
-        max_tokens = StrictInteger(
-            allow_none=True,
-            load_default=settings.max_new_tokens_default,
-            validate=Range(min=0, max=limit),
-            metadata={"example": min(16, limit), "description": "0 only with echo: score the prompt, generate nothing"},
+        max_tokens = max_tokens_field(
+            settings, least=0, description="0 only with echo: score the prompt, generate nothing"
         )
         echo = StrictBoolean(
             load_default=False,
@@ -423,28 +289,44 @@ def build(settings: Settings) -> OpenAISchemas:
         )
         response_format = ResponseFormatField()
 
-        @validates_schema
-        def _choices_fit(self, data: dict[str, Any], **kwargs: Any) -> None:
-            if len(data.get("prompt", ())) * data.get("n", 1) > choices:
-                raise ValidationError(f"prompts x n must be at most {choices}.", "n")
+    return CompletionRequestSchema
 
-        @validates_schema
-        def _zero_needs_echo(self, data: dict[str, Any], **kwargs: Any) -> None:
-            if data.get("max_tokens") == 0 and not data.get("echo"):
-                raise ValidationError("0 is allowed only with echo: true (score the prompt).", "max_tokens")
-            if data.get("echo") and data.get("stream") and "logprobs" in data:
-                raise ValidationError("echo with logprobs is not served in a stream; send stream: false.", "stream")
-            if data.get("echo") and data.get("stream") and any(not isinstance(p, str) for p in data.get("prompt", ())):
-                raise ValidationError("echo of a token-id prompt is not served in a stream.", "stream")
+
+class ChatChecks(Schema):
+    """The checks of a /v1/chat/completions body (its fields: chat_schema)."""
+
+    max_prompt_chars = 1  # MAX_PROMPT_CHARS, set per app
+
+    @validates_schema
+    def _messages_fit(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if sum(len(message["content"]) for message in data.get("messages", ())) > self.max_prompt_chars:
+            raise ValidationError(f"The contents together exceed {self.max_prompt_chars} characters.", "messages")
+
+    @validates_schema
+    def _top_needs_logprobs(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if data.get("top_logprobs") and not data.get("logprobs"):
+            raise ValidationError("needs logprobs: true.", "top_logprobs")
+
+    @post_load
+    def _newer_name_wins(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        if "max_completion_tokens" in data:
+            data["max_tokens"] = data.pop("max_completion_tokens")
+        return data
+
+
+def chat_schema(settings: Settings, sampling: type[Schema]) -> type[Schema]:
+    """The body of POST /v1/chat/completions, with this app's limits."""
+    limit = settings.max_new_tokens_limit
 
     class ChatMessageSchema(MessageSchema):
         """One chat message, its content limited like a prompt."""
 
         content = ContentField(required=True, max_chars=settings.max_prompt_chars)
 
-    class ChatCompletionRequestSchema(SamplingSchema):
+    class ChatCompletionRequestSchema(ChatChecks, sampling):  # type: ignore[valid-type,misc]
         """The body of POST /v1/chat/completions."""
 
+        max_prompt_chars = settings.max_prompt_chars
         messages = fields.List(
             fields.Nested(ChatMessageSchema),
             required=True,
@@ -478,22 +360,4 @@ def build(settings: Settings) -> OpenAISchemas:
         metadata = Unsupported({})
         service_tier = Unsupported("auto", "default")
 
-        @validates_schema
-        def _messages_fit(self, data: dict[str, Any], **kwargs: Any) -> None:
-            if sum(len(message["content"]) for message in data.get("messages", ())) > settings.max_prompt_chars:
-                raise ValidationError(
-                    f"The contents together exceed {settings.max_prompt_chars} characters.", "messages"
-                )
-
-        @validates_schema
-        def _top_needs_logprobs(self, data: dict[str, Any], **kwargs: Any) -> None:
-            if data.get("top_logprobs") and not data.get("logprobs"):
-                raise ValidationError("needs logprobs: true.", "top_logprobs")
-
-        @post_load
-        def _newer_name_wins(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
-            if "max_completion_tokens" in data:
-                data["max_tokens"] = data.pop("max_completion_tokens")
-            return data
-
-    return OpenAISchemas(completion=CompletionRequestSchema, chat=ChatCompletionRequestSchema)
+    return ChatCompletionRequestSchema

@@ -1,4 +1,5 @@
-"""What every engine shares: the loaded model's facts and its tokenizer, used under one lock."""
+"""The model's front, the same whichever way an engine decodes: its tokenizer (under one lock), chat rendering,
+the context check, and the facts of the loaded model."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from llmapi.engine.loader import LoadedModel
 from llmapi.engine.types import ContextLengthExceeded, GenerationRequest, GenerationResult, InvalidRequest
 
 
-class ModelFront:
-    """Tokenizing, chat rendering and the context check, the same whichever way an engine decodes."""
+class Tokenizer:
+    """Tokenizing, chat rendering and the context check of one loaded model; each engine builds on it."""
 
     def __init__(self, loaded: LoadedModel) -> None:
         self.loaded = loaded
@@ -107,10 +108,6 @@ class ModelFront:
             )
         return ids
 
-    def submit(self, request: GenerationRequest) -> Any:
-        """Start generating `request` (each engine decodes its own way)."""
-        raise NotImplementedError
-
     def generate(self, request: GenerationRequest) -> GenerationResult:
-        """Generate and wait for the whole result."""
-        return self.submit(request).result()
+        """Generate and wait for the whole result (through the engine's own submit())."""
+        return self.submit(request).result()  # type: ignore[attr-defined]

@@ -1,0 +1,30 @@
+"""EngineConfig: the engine's settings, declared once, named as the service's Settings (and so the environment)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What an engine is made with: the model, where and how it runs, and how it batches (no torch here)."""
+
+    model_name: str
+    model_revision: str = ""  # hub revision; "" = the default branch
+    torch_threads: int = 1  # torch threads of this process
+    max_batch_size: int = 8  # most rows decoded together
+    batch_wait_ms: float = 2.0  # how long a new batch waits for company
+    prefix_cache_mb: float = 0.0  # memory of the prefix cache; 0 = off
+    prefix_cache_block_tokens: int = 16  # tokens per prefix-cache block
+    prefill_chunk_tokens: int = 0  # most prompt tokens one row reads per engine step; 0 = a whole prompt at once
+    engine_mode: str = "batch"  # "batch", or "simple": transformers' generate, one request at a time (the baseline)
+    device: str = "auto"
+    dtype: str = "auto"
+    quantization: str = "none"
+    gguf_cache_dir: str = ""  # where a GGUF MODEL_NAME is converted once (engine/from_gguf.py)
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> EngineConfig:
+        """The engine's part of the service's Settings (resolved at start: no automatic 0 left), field for field."""
+        return cls(**{field.name: getattr(settings, field.name) for field in fields(cls)})
