@@ -112,7 +112,9 @@ def convert(path: str, out: str | Path, *, dtype: str, sha256: str = "") -> None
     """Read `path` with transformers' GGUF loader and write it to `out` as a Hugging Face folder in `dtype`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # one bar per tensor in a server's log says nothing the log line after does
     check_file(path)
     folder, name = os.path.split(os.path.abspath(path))
     try:
