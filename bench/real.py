@@ -75,8 +75,29 @@ def agreement(path: str, ours: str, theirs: str) -> dict[str, Any]:
     for prompt, a, b in zip(AGREEMENT_PROMPTS, mine, llama, strict=True):
         ids_a, ids_b = tok.encode(a, add_special_tokens=False), tok.encode(b, add_special_tokens=False)
         shortest = min(len(ids_a), len(ids_b))
-        rows.append({"prompt": prompt, "common": common_prefix(ids_a, ids_b), "of": shortest, "llmapi": a, "llama": b})
+        common = common_prefix(ids_a, ids_b)
+        row = {"prompt": prompt, "common": common, "of": shortest, "llmapi": a, "llama": b}
+        if common < shortest:  # where they part: both engines' top candidates in the same context
+            context = tok(prompt)["input_ids"] + ids_a[:common]
+            row["parting"] = {
+                "llmapi": top_candidates(ours, context, key=True),
+                "llama": top_candidates(theirs, context),
+            }
+        rows.append(row)
     return {"tokens": AGREEMENT_TOKENS, "prompts": rows}
+
+
+def top_candidates(url: str, context: list[int], *, key: bool = False) -> list[tuple[str, float]]:
+    """One server's three likeliest next tokens after the token ids `context`, with their log-probabilities."""
+    if key:  # llmapi: /v1/completions with token ids and logprobs
+        body = {"prompt": context, "max_tokens": 1, "temperature": 0.0, "logprobs": 3}
+        status, answer = post(url + "/v1/completions", body)
+        top = answer["choices"][0]["logprobs"]["top_logprobs"][0] if status == 200 else {}
+        return sorted(top.items(), key=lambda item: -item[1])
+    body = {"prompt": context, "n_predict": 1, "n_probs": 3, "temperature": 0.0}  # llama-server's own /completion
+    status, answer = post(url + "/completion", body)
+    found = answer["completion_probabilities"][0]["top_logprobs"] if status == 200 else []
+    return [(item["token"], item["logprob"]) for item in found]
 
 
 def run(

@@ -360,12 +360,24 @@ def render_chat(results: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
+PARTING_HEADER = ["prompt", "common", "of", "llmapi's top 3 where they part", "llama's top 3"]
+
+
+def parting(candidates: list[tuple[str, float]] | None) -> str:
+    """Top candidates as `'tok' -1.23`, or '' where the texts never part."""
+    return "  ".join(f"{token!r} {logprob:.2f}" for token, logprob in candidates or [])
+
+
 def render_real(results: dict[str, Any]) -> str:
     """The real model beside llama-server on the same GGUF file: agreement, then load."""
     r = results["real"]
     m = results["machine"]
     agree = r["agreement"]
-    rows = [[a["prompt"].replace("\n", " ")[:40], a["common"], a["of"]] for a in agree["prompts"]]
+    rows = [
+        [a["prompt"].replace("\n", " ")[:40], a["common"], a["of"], parting(a.get("parting", {}).get("llmapi")),
+         parting(a.get("parting", {}).get("llama"))]
+        for a in agree["prompts"]
+    ]  # fmt: skip
     llama = r["llama"]["loads"]
     load_rows = []
     for name, f in (("llmapi defaults", r["llmapi"]), ("llama-server", r["llama"])):
@@ -384,5 +396,5 @@ def render_real(results: dict[str, Any]) -> str:
     load = f"Load in a fresh process ({r['load']['first']['dtype']}): {load}"
     return "\n\n".join(
         [head, load, f"Greedy agreement, {agree['tokens']} tokens a prompt (common prefix, in tokens):",
-         table(["prompt", "common", "of"], rows), "Through HTTP, closed-loop clients:", table(header, load_rows)]
+         table(PARTING_HEADER, rows), "Through HTTP, closed-loop clients:", table(header, load_rows)]
     )  # fmt: skip
