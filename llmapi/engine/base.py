@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from llmapi.engine.chat import Message, render
@@ -84,10 +84,10 @@ class ModelFront:
         with self._tokenizer_lock:
             return self.loaded.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
-    def render_chat(self, messages: Sequence[Message]) -> str:
-        """Turn chat messages into the prompt this model expects (its chat template, or the default)."""
+    def render_chat(self, messages: Sequence[Message], tools: Sequence[Mapping[str, Any]] | None = None) -> str:
+        """Turn chat messages (and tools) into the prompt this model expects (its chat template, or the default)."""
         with self._tokenizer_lock:
-            return render(self.loaded.tokenizer, messages)
+            return render(self.loaded.tokenizer, messages, tools)
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         """Tokenize the prompt (or take its ids); raise ContextLengthExceeded when it and the new tokens cannot fit."""

@@ -87,7 +87,7 @@ class Grammars:
             detail = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__
             # xgrammar's C++ messages start "[hh:mm:ss] /path/of/its/source.cc:line: ": not the client's business.
             detail = XGRAMMAR_PREFIX.sub("", detail)
-            raise InvalidRequest(f"The {what} cannot be used: {detail}", param=grammar.kind) from exc
+            raise InvalidRequest(f"The {what} cannot be used: {detail}", param=grammar.param or grammar.kind) from exc
 
     def matcher(self, grammar: Grammar) -> Matcher:
         """A fresh matcher for one row."""

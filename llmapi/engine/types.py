@@ -6,7 +6,7 @@ import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class EngineError(Exception):
@@ -60,6 +60,7 @@ class Grammar:
 
     kind: str
     source: str = ""
+    param: str = field(default="", compare=False)  # the request field a refusal names (default: the kind)
 
 
 @dataclass(frozen=True)
@@ -179,7 +180,9 @@ class EngineLike(Protocol):
     vocab_size: int
 
     def submit(self, request: GenerationRequest) -> Handle: ...
-    def render_chat(self, messages: Sequence[Mapping[str, str]]) -> str: ...
+    def render_chat(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None
+    ) -> str: ...
     def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]: ...
     def token_strings(self, ids: list[int]) -> list[str]: ...
     def decode(self, ids: list[int]) -> str: ...

@@ -93,14 +93,16 @@ def start(
     service: EngineService,
     requests: Sequence[GenerationRequest],
     *,
-    messages: Sequence[Mapping[str, str]] | None = None,
+    messages: Sequence[Mapping[str, Any]] | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
 ) -> Generation:
-    """Admit the request, then (inside its place) load, render the chat into the prompt, and submit every choice."""
+    """Admit the request, then (inside its place) load, render the chat (and its tools) into the prompt, and
+    submit every choice."""
     generation = Generation(service.admission.enter())
     try:
         engine = service.engine()
         if messages is not None:
-            prompt = engine.render_chat(messages)
+            prompt = engine.render_chat(messages, tools) if tools else engine.render_chat(messages)
             requests = [replace(request, prompt=prompt) for request in requests]
         for request in requests:
             inner = engine.submit(request)

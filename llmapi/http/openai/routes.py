@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from flask import Response, request
@@ -18,6 +19,7 @@ from llmapi.http.fields import MAX_SEED, ErrorSchema
 from llmapi.http.hooks import require_api_key, require_json
 from llmapi.http.jsonbody import Blueprint  # JSON bodies parsed with limits
 from llmapi.http.openai.formats import ChatFormat, CompletionFormat
+from llmapi.http.openai.messages import chat_messages
 from llmapi.http.openai.schemas import (
     CHUNK_EVENT_SCHEMA,
     ChatCompletionResponseSchema,
@@ -25,6 +27,8 @@ from llmapi.http.openai.schemas import (
     ModelListSchema,
     build,
 )
+from llmapi.http.openai.tools import ToolChatFormat
+from llmapi.http.openai.tools import plan as tool_plan
 
 # This API's error dialect, declared once: a refused body is OpenAI's 400 (/generate answers 422), and a
 # request too long for the context names the part the client can shorten.
@@ -186,10 +190,14 @@ def create_blueprint(settings: Settings) -> Blueprint:
         pieces, then the finish_reason), then `data: [DONE]`.
         """
         model = served_model(args, settings)
-        messages = [{"role": m["role"], "content": m["content"]} for m in args["messages"]]
+        messages = chat_messages(args["messages"])
         logprobs = args.get("top_logprobs", 0) if args["logprobs"] else None
         fmt = ChatFormat(model, n=args["n"], logprobs=logprobs is not None, include_usage=include_usage(args))
         requests = choice_requests([""], args, settings, logprobs=logprobs)
-        return answer(requests, fmt, stream=args["stream"], messages=messages)
+        tools = tool_plan(args)  # tool calling: http/openai/tools.py
+        if tools.active:
+            fmt = ToolChatFormat(model, tools, n=args["n"], include_usage=include_usage(args))
+            requests = [replace(request, grammar=tools.grammar or request.grammar) for request in requests]
+        return answer(requests, fmt, stream=args["stream"], messages=messages, tools=tools.rendered)
 
     return blp

@@ -26,6 +26,8 @@ from llmapi.http.fields import (
     is_text,
     schema_source,
 )
+from llmapi.http.openai.messages import message_schema
+from llmapi.http.openai.tools import ToolCallSchema, ToolsSchema
 from llmapi.http.sse import event_schema
 
 MAX_MESSAGES = 256
@@ -282,7 +284,8 @@ class ChatMessageOutSchema(Schema):
     """The assistant's reply."""
 
     role = fields.String(required=True, metadata={"example": "assistant"})
-    content = fields.String(required=True)
+    content = fields.String(required=True, allow_none=True, metadata={"description": "null when only tools are called"})
+    tool_calls = fields.List(fields.Nested(ToolCallSchema), metadata={"description": "the calls, when any"})
 
 
 class ChatChoiceSchema(Schema):
@@ -437,12 +440,10 @@ def build(settings: Settings) -> OpenAISchemas:
             if data.get("echo") and data.get("stream") and any(not isinstance(p, str) for p in data.get("prompt", ())):
                 raise ValidationError("echo of a token-id prompt is not served in a stream.", "stream")
 
-    class ChatMessageSchema(MessageSchema):
-        """One chat message, its content limited like a prompt."""
+    # One chat message (http/openai/messages.py), its content limited like a prompt.
+    ChatMessageSchema = message_schema(ContentField(max_chars=settings.max_prompt_chars, allow_none=True))
 
-        content = ContentField(required=True, max_chars=settings.max_prompt_chars)
-
-    class ChatCompletionRequestSchema(SamplingSchema):
+    class ChatCompletionRequestSchema(SamplingSchema, ToolsSchema):
         """The body of POST /v1/chat/completions."""
 
         messages = fields.List(
@@ -463,9 +464,6 @@ def build(settings: Settings) -> OpenAISchemas:
             validate=Range(min=0, max=MAX_TOP_LOGPROBS),
             metadata={"description": "with logprobs: this many most likely alternatives per position"},
         )
-        tools = Unsupported([])
-        tool_choice = Unsupported("none")
-        parallel_tool_calls = Unsupported(True, False)  # says how to call tools; there are none to call
         functions = Unsupported([])
         function_call = Unsupported("none")
         response_format = ResponseFormatField()
