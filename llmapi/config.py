@@ -160,6 +160,11 @@ class Settings:
     )
     device: str = env("DEVICE", "auto", doc="auto (cuda when a GPU is there, else cpu), cpu, cuda or cuda:N")
     quantization: str = env("QUANTIZATION", "none", doc="none, or int8: int8 weights, fp32 activations (CPU only)")
+    embeddings_pooling: str = env(
+        "EMBEDDINGS_POOLING",
+        "mean",
+        doc="/v1/embeddings: mean (of the last hidden states) or last (token's); normalized",
+    )
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -314,6 +319,8 @@ class Settings:
             )
         if self.log_format not in {"text", "json"}:
             raise ConfigError(f"LOG_FORMAT must be text or json, got {self.log_format!r}")
+        if self.embeddings_pooling not in ("mean", "last"):
+            raise ConfigError(f"EMBEDDINGS_POOLING must be mean or last, got {self.embeddings_pooling!r}")
         if self.trusted_proxy_hops < 0:
             raise ConfigError(f"TRUSTED_PROXY_HOPS must not be negative, got {self.trusted_proxy_hops}")
 

@@ -8,7 +8,13 @@ from typing import Any
 
 from llmapi.engine.chat import Message, render
 from llmapi.engine.loader import LoadedModel
-from llmapi.engine.types import ContextLengthExceeded, GenerationRequest, GenerationResult, InvalidRequest
+from llmapi.engine.types import (
+    ContextLengthExceeded,
+    EmbeddingRequest,
+    GenerationRequest,
+    GenerationResult,
+    InvalidRequest,
+)
 
 
 class ModelFront:
@@ -106,6 +112,10 @@ class ModelFront:
                 prompt_tokens=len(ids), max_new_tokens=request.max_new_tokens, context_length=self.context_length
             )
         return ids
+
+    def embed(self, request: EmbeddingRequest) -> Any:
+        """Queue one input to embed (the batching engine does; the simple one does not)."""
+        raise InvalidRequest("This server's engine (ENGINE_MODE=simple) does not serve embeddings.", param="input")
 
     def submit(self, request: GenerationRequest) -> Any:
         """Start generating `request` (each engine decodes its own way)."""

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from llmapi.engine import logprobs
+from llmapi.engine import embed, logprobs
 from llmapi.engine.base import ModelFront
 from llmapi.engine.bytelevel import fast_decoder
 from llmapi.engine.loader import LoadedModel
@@ -30,7 +30,15 @@ from llmapi.engine.prefix_cache import BLOCK_TOKENS, PrefixCache
 from llmapi.engine.sampling import RowControls, choose
 from llmapi.engine.stats import TokenRate, model_facts
 from llmapi.engine.text import IncrementalDecoder, StopMatcher
-from llmapi.engine.types import EngineError, EngineStats, GenerationRequest, GenerationResult, Piece, TokenLogprob
+from llmapi.engine.types import (
+    EmbeddingRequest,
+    EngineError,
+    EngineStats,
+    GenerationRequest,
+    GenerationResult,
+    Piece,
+    TokenLogprob,
+)
 
 log = logging.getLogger(__name__)
 
@@ -362,6 +370,16 @@ class Engine(ModelFront):
             self._wakeup.notify()
         return handle
 
+    def embed(self, request: EmbeddingRequest) -> embed.EmbedRow:
+        """Queue one input to embed: admitted like a generation, run with the others taken with it (engine/embed.py)."""
+        row = embed.EmbedRow(request, embed.input_ids(self, request))
+        with self._wakeup:
+            if self._closing:
+                raise EngineError("the engine was shut down")
+            self._pending.append(row)  # type: ignore[arg-type]
+            self._wakeup.notify()
+        return row
+
     def stats(self) -> dict[str, Any]:
         """Live figures for the status route, read from the request thread without pausing the decoding thread."""
         with self._wakeup:
@@ -393,6 +411,9 @@ class Engine(ModelFront):
         while not self._closing:
             with torch.inference_mode():
                 for rows in self._admit():
+                    if isinstance(rows[0], embed.EmbedRow):  # inputs to embed: one forward pass, done
+                        self._guarded(self._embed, rows)
+                        continue
                     self._guarded(self._start_prefill, rows)
                 self._advance_prefills()
                 for lane in list(self._lanes):
@@ -444,11 +465,17 @@ class Engine(ModelFront):
             if busy and waited < self.batch_wait_s and len(self._pending) < room:
                 return []
             taken = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
+        embeds = [row for row in taken if isinstance(row, embed.EmbedRow)]
+        taken = [row for row in taken if not isinstance(row, embed.EmbedRow)]
         shared = [row for row in taken if not row.solo and not row.needs_prompt_logprobs]
         # A row that scores its prompt prefills alone, so that its prefill keeps one prompt's logits (T x vocab),
         # not the whole group's; its lane then joins the shared one like any other.
         alone = [[row] for row in taken if row.solo or row.needs_prompt_logprobs]
-        return ([shared] if shared else []) + alone
+        return ([embeds] if embeds else []) + ([shared] if shared else []) + alone
+
+    def _embed(self, rows: list[embed.EmbedRow]) -> None:
+        """Embed the inputs taken together in one forward pass."""
+        embed.run(self.loaded.model, rows, pad_id=self.loaded.pad_id)
 
     def _wait_for_company(self) -> None:
         """Hold a new batch open for batch_wait_ms or until it is full (the caller holds the lock)."""

@@ -187,3 +187,21 @@ class EngineLike(Protocol):
     def token_strings(self, ids: list[int]) -> list[str]: ...
     def decode(self, ids: list[int]) -> str: ...
     def outside(self, ids: Sequence[int]) -> int | None: ...
+
+
+@dataclass(frozen=True)
+class EmbeddingRequest:
+    """One input to embed: text, or token ids; pooled "mean" (over its tokens) or "last" (its last token)."""
+
+    text: str = ""
+    ids: tuple[int, ...] | None = None
+    pooling: str = "mean"
+    param: str = ""  # the request field that holds it ("input.3"), named when it is refused
+
+
+@dataclass(frozen=True)
+class EmbeddingResult:
+    """An input's embedding: the pooled last hidden states, L2-normalized, and how many tokens it read."""
+
+    embedding: tuple[float, ...]
+    prompt_tokens: int

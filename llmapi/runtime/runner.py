@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
-from llmapi.engine.types import EngineLike, GenerationRequest, GenerationResult
+from llmapi.engine.types import EmbeddingRequest, EmbeddingResult, EngineLike, GenerationRequest, GenerationResult
 from llmapi.runtime.admission import Slot
 from llmapi.runtime.service import EngineService
 from llmapi.runtime.tracking import TrackedHandle
@@ -127,3 +127,10 @@ def admitted(service: EngineService) -> Iterator[EngineLike]:
         yield service.engine()
     finally:
         slot.release()
+
+
+def embed(service: EngineService, requests: Sequence[EmbeddingRequest]) -> list[EmbeddingResult]:
+    """Admit the request, then queue every input in the engine (batched with whatever else it is given) and wait."""
+    with admitted(service) as engine:
+        rows = [engine.embed(request) for request in requests]  # type: ignore[attr-defined]
+        return [row.result() for row in rows]

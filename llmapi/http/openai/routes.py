@@ -18,6 +18,7 @@ from llmapi.http.answer import answer
 from llmapi.http.fields import MAX_SEED, ErrorSchema
 from llmapi.http.hooks import require_api_key, require_json
 from llmapi.http.jsonbody import Blueprint  # JSON bodies parsed with limits
+from llmapi.http.openai import embeddings
 from llmapi.http.openai.formats import ChatFormat, CompletionFormat
 from llmapi.http.openai.messages import chat_messages
 from llmapi.http.openai.schemas import (
@@ -200,4 +201,5 @@ def create_blueprint(settings: Settings) -> Blueprint:
             requests = [replace(request, grammar=tools.grammar or request.grammar) for request in requests]
         return answer(requests, fmt, stream=args["stream"], messages=messages, tools=tools.rendered)
 
+    embeddings.register(blp, settings, served_model, VALIDATION_STATUS)  # POST /v1/embeddings
     return blp
