@@ -18,7 +18,7 @@ from llmapi.http.answer import answer
 from llmapi.http.fields import MAX_SEED, ErrorSchema
 from llmapi.http.hooks import require_api_key, require_json
 from llmapi.http.jsonbody import Blueprint  # JSON bodies parsed with limits
-from llmapi.http.openai import embeddings
+from llmapi.http.openai import embeddings, responses
 from llmapi.http.openai.formats import ChatFormat, CompletionFormat
 from llmapi.http.openai.messages import chat_messages
 from llmapi.http.openai.schemas import (
@@ -36,7 +36,7 @@ from llmapi.http.openai.tools import plan as tool_plan
 VALIDATION_STATUS = 400
 # The engine names a grammar it refused by its kind; OpenAI's clients know it as response_format.
 RENAMED = {kind: "response_format" for kind in ("json_object", "json_schema", "ebnf")}
-CONTEXT_PARAM = {"openai.completions": "prompt", "openai.chat_completions": "messages"}
+CONTEXT_PARAM = {"openai.completions": "prompt", "openai.chat_completions": "messages", "openai.responses": "input"}
 ERRORS = [
     (400, "Invalid parameters, an unsupported parameter, or too long for the context"),
     (401, "Missing or invalid API key"),
@@ -202,4 +202,5 @@ def create_blueprint(settings: Settings) -> Blueprint:
         return answer(requests, fmt, stream=args["stream"], messages=messages, tools=tools.rendered)
 
     embeddings.register(blp, settings, served_model, VALIDATION_STATUS)  # POST /v1/embeddings
+    responses.register(blp, settings, served_model, VALIDATION_STATUS)  # POST /v1/responses
     return blp
