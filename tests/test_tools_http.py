@@ -117,20 +117,40 @@ def test_tools_stream_deltas_reassemble_to_the_body(client, scripted):
 
 
 def test_tools_required_and_named_ask_the_engine_for_a_grammar(client, scripted):
-    scripted.reply = '[{"name": "get_weather", "arguments": {"city": "Oslo"}}]'
+    scripted.reply = CALL.replace("Paris", "Oslo")
     body = chat(client, tools=[WEATHER, TIME], tool_choice="required").get_json()
     assert body["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"] == '{"city": "Oslo"}'
     grammar = scripted.requests[-1].grammar
-    assert grammar.kind == "json_schema" and grammar.param == "tools"
-    schema = json.loads(grammar.source)
-    assert schema["minItems"] == 1 and len(schema["items"]["anyOf"]) == 2
+    assert grammar.kind == "structural_tag" and grammar.param == "tools"
+    calls = json.loads(grammar.source)["format"]
+    assert calls["type"] == "tags_with_separator" and calls["at_least_one"] and not calls["stop_after_first"]
+    assert [tag["begin"] for tag in calls["tags"]] == [
+        '<tool_call>\n{"name": "get_weather", "arguments": ',
+        '<tool_call>\n{"name": "get_time", "arguments": ',
+    ]
+    assert calls["tags"][0]["content"]["json_schema"] == WEATHER["function"]["parameters"]
 
-    scripted.reply = '{"city": "Oslo"}'
     named = {"type": "function", "function": {"name": "get_weather"}}
     body = chat(client, tools=[WEATHER, TIME], tool_choice=named).get_json()
     (call,) = body["choices"][0]["message"]["tool_calls"]
     assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
-    assert json.loads(scripted.requests[-1].grammar.source) == WEATHER["function"]["parameters"]
+    calls = json.loads(scripted.requests[-1].grammar.source)["format"]
+    assert len(calls["tags"]) == 1 and calls["stop_after_first"]
+    assert scripted.requests[-1].grammar.param == "tools.0.function.parameters"
+
+
+def test_tools_auto_with_a_strict_tool_holds_calls_to_its_schema(client, scripted):
+    scripted.reply = "Fine."
+    strict = {"type": "function", "function": {**WEATHER["function"], "strict": True}}
+    chat(client, tools=[strict, TIME])
+    free = json.loads(scripted.requests[-1].grammar.source)["format"]
+    assert free["type"] == "triggered_tags" and free["triggers"] == ["<tool_call>"]
+    assert [tag["content"]["json_schema"] for tag in free["tags"]] == [
+        WEATHER["function"]["parameters"],
+        {"type": "object"},
+    ]
+    chat(client, tools=[WEATHER])
+    assert scripted.requests[-1].grammar is None
 
 
 def test_tools_none_renders_no_tools_and_reads_no_calls(client, scripted):
@@ -208,32 +228,27 @@ def summary(events_: list[Any]) -> tuple[str, dict[int, list[str]]]:
 
 
 @pytest.mark.parametrize(
-    ("text", "mode", "expected"),
+    ("text", "expected"),
     [
-        (CALL, "auto", ("", {0: ["get_weather", '{"city": "Paris"}']})),
-        (
-            'Hi <tool_call>{"name": "f", "arguments": {"x": "}{"}}</tool_call>',
-            "auto",
-            ("Hi", {0: ["f", '{"x": "}{"}']}),
-        ),
+        (CALL, ("", {0: ["get_weather", '{"city": "Paris"}']})),
+        ('Hi <tool_call>{"name": "f", "arguments": {"x": "}{"}}</tool_call>', ("Hi", {0: ["f", '{"x": "}{"}']})),
         (
             '<tool_call>[{"name": "a", "arguments": {}}, {"name": "b", "arguments": {"q": 1}}]</tool_call>',
-            "auto",
             ("", {0: ["a", "{}"], 1: ["b", '{"q": 1}']}),
         ),
-        ('<tool_call>{"arguments": {"q": 1}, "name": "a"}</tool_call> done', "auto", ("done", {0: ["a", '{"q": 1}']})),
-        ("<tool_call>not json</tool_call>", "auto", ("<tool_call>not json</tool_call>", {})),
-        ("a < b and <tool", "auto", ("a < b and <tool", {})),
+        ('<tool_call>{"arguments": {"q": 1}, "name": "a"}</tool_call> done', ("done", {0: ["a", '{"q": 1}']})),
+        ("<tool_call>not json</tool_call>", ("<tool_call>not json</tool_call>", {})),
+        ("a < b and <tool", ("a < b and <tool", {})),
         (
-            '[{"name": "a", "arguments": {"q": [1, 2]}}, {"name": "b", "arguments": {}}]',
-            "required",
-            ("", {0: ["a", '{"q": [1, 2]}'], 1: ["b", "{}"]}),
+            '<tool_call>\n{"name": "a", "arguments": {"q": [1, 2]}}\n</tool_call>\n' + CALL,
+            ("", {0: ["a", '{"q": [1, 2]}'], 1: ["get_weather", '{"city": "Paris"}']}),
         ),
+        ('<tool_call>\n{"name": "a", "arguments": {"q": 1', ("", {0: ["a", '{"q": 1']})),
     ],
 )
-def test_reader_streamed_equals_whole(text, mode, expected):
-    assert summary(list(read_all(text, mode))) == expected
-    reader = CallReader(mode)
+def test_reader_streamed_equals_whole(text, expected):
+    assert summary(list(read_all(text))) == expected
+    reader = CallReader()
     streamed = [event for char in text for event in reader.feed(char)] + reader.finish()
     assert summary(streamed) == expected
 

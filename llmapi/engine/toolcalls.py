@@ -123,7 +123,7 @@ class Arguments:
 
 Event = Content | CallStart | Arguments
 
-# `{"name": "f", "arguments": ` (or "parameters", as some models write): a call whose arguments can stream.
+# `{"name": "f", "arguments": ` (or "parameters", as some models write), in a list or not: arguments that stream.
 HEADER = re.compile(r'\s*\[?\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*')
 NEXT = re.compile(r"\s*\}\s*,?\s*")  # after a call's arguments: its closing brace, and a comma before the next
 
@@ -169,22 +169,18 @@ class ValueEnd:
 class CallReader:
     """Splits a model's text into content and tool calls, piece by piece: the same events whole or streamed.
 
-    `mode` "auto": content with `<tool_call>` blocks; "required": the whole text is a JSON array of calls (the
-    grammar's output); "named": the whole text is the arguments of the one function `name` (the grammar's output).
-    A call whose name comes first streams its arguments as they arrive; any other block is read whole at its end,
-    and a block that holds no valid call is given back as content, as the model wrote it. Whitespace around
-    blocks is dropped. With `parallel` false only the first call is kept.
+    A call whose name comes first (as the prompt and the grammar write it) streams its arguments as they arrive;
+    any other block is read whole at its end, and a block that holds no valid call is given back as content, as
+    the model wrote it. Whitespace around blocks is dropped. With `parallel` false only the first call is kept.
     """
 
-    def __init__(self, mode: str = "auto", *, name: str = "", parallel: bool = True) -> None:
-        self.mode = mode
+    def __init__(self, *, parallel: bool = True) -> None:
         self.parallel = parallel
         self.calls = 0  # calls started so far; the current one is calls - 1
         self.buffer = ""
         self.pending_space = ""  # content's trailing whitespace, held until we know no call follows it
         self.value = ValueEnd()
-        self.state = {"auto": "text", "required": "call", "named": "arguments"}[mode]
-        self.name = name
+        self.state = "text"
 
     def feed(self, piece: str) -> list[Event]:
         """Take the next piece of text; return what can be said for sure so far."""
@@ -197,8 +193,6 @@ class CallReader:
     def _run(self, piece: str, *, final: bool) -> list[Event]:
         self.buffer += piece
         events: list[Event] = []
-        if self.mode == "named" and self.calls == 0:
-            self._start(events, self.name)
         while getattr(self, f"_{self.state}")(events, final):
             pass
         if self.parallel:
@@ -235,13 +229,13 @@ class CallReader:
             self._start(events, json.loads(f'"{match.group(1)}"'))
             self.buffer, self.state = self.buffer[match.end() :], "arguments"
             return True
-        end = self.buffer.find(CLOSE) if self.mode == "auto" else -1
+        end = self.buffer.find(CLOSE)
         if end < 0 and not final:
             return False
         block, self.buffer = (self.buffer[:end], self.buffer[end + len(CLOSE) :]) if end >= 0 else (self.buffer, "")
         calls = parse_block(block)
         if calls is None:  # no call after all: the model's text, as it wrote it
-            events.append(Content(f"{OPEN}{block}{CLOSE if end >= 0 else ''}" if self.mode == "auto" else block))
+            events.append(Content(f"{OPEN}{block}{CLOSE if end >= 0 else ''}"))
         for name, arguments in calls or ():
             self._start(events, name)
             events.append(Arguments(self.calls - 1, arguments))
@@ -258,7 +252,7 @@ class CallReader:
         self.buffer = "" if end is None else self.buffer[end:]
         if end is None and not final:
             return False
-        self.state = "rest" if self.mode == "named" else "between"
+        self.state = "between"
         return True
 
     def _between(self, events: list[Event], final: bool) -> bool:
@@ -268,7 +262,7 @@ class CallReader:
         if HEADER.match(rest):
             self.buffer, self.state = rest, "call"
             return True
-        end = self.buffer.find(CLOSE) if self.mode == "auto" else -1
+        end = self.buffer.find(CLOSE)
         if end >= 0:
             self.buffer, self.state = self.buffer[end + len(CLOSE) :], "after"
             return True
@@ -278,20 +272,12 @@ class CallReader:
         return False
 
     def _after(self, events: list[Event], final: bool) -> bool:
-        """After a block: drop the whitespace that follows it, then read text again (auto) or nothing more."""
-        if self.mode != "auto":
-            self.buffer = ""
-            return False
+        """After a block: drop the whitespace that follows it, then read text again."""
         self.buffer = self.buffer.lstrip()
         if not self.buffer and not final:
             return False
         self.state = "text"
         return True
-
-    def _rest(self, events: list[Event], final: bool) -> bool:
-        """After the named function's arguments: nothing more belongs to the answer."""
-        self.buffer = ""
-        return False
 
 
 def parse_block(block: str) -> list[tuple[str, str]] | None:
@@ -325,8 +311,8 @@ def _partial_tag(text: str) -> int:
     return 0
 
 
-def read_all(text: str, mode: str = "auto", *, name: str = "", parallel: bool = True) -> Iterator[Event]:
+def read_all(text: str, *, parallel: bool = True) -> Iterator[Event]:
     """Every event of a whole text (what a body answers; a stream's events concatenate to the same)."""
-    reader = CallReader(mode, name=name, parallel=parallel)
+    reader = CallReader(parallel=parallel)
     yield from reader.feed(text)
     yield from reader.finish()

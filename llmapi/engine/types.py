@@ -56,7 +56,8 @@ GREEDY_BELOW_TEMPERATURE = 1e-5
 @dataclass(frozen=True)
 class Grammar:
     """A constraint on the generated text: `kind` "json_object" (any JSON object), "json_schema" (`source` is the
-    schema as JSON text), or "ebnf" (`source` is a GBNF-style grammar)."""
+    schema as JSON text), "ebnf" (`source` is a GBNF-style grammar), or "structural_tag" (`source` is xgrammar's
+    structural tag as JSON text: the tool calls' tags around JSON arguments)."""
 
     kind: str
     source: str = ""

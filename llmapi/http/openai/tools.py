@@ -1,9 +1,9 @@
 """Tool calling on /v1/chat/completions: the request fields, the plan they make, and the answer's tool_calls.
 
 `tool_choice` "auto" lets the model answer text or `<tool_call>` blocks (engine/toolcalls.py reads them);
-"required" and a named function are guaranteed by the engine's grammar, as vLLM does: the answer is a JSON array
-of `{"name", "arguments"}` objects (one of the tools each, arguments validating its `parameters`), or the named
-function's arguments alone. "none" leaves the tools out of the prompt. Whichever way, the answer has OpenAI's shape.
+"required" and a named function are guaranteed by the engine's grammar (see `plan`): the answer can then only be
+calls of the allowed tools, in the same markup, their arguments validating the tools' `parameters`. "none" leaves
+the tools out of the prompt. Whichever way, the answer has OpenAI's shape.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 from marshmallow import Schema, ValidationError, fields, validates_schema
 
-from llmapi.engine.toolcalls import Arguments, CallReader, CallStart, Content, Event, read_all
+from llmapi.engine.toolcalls import CLOSE, OPEN, Arguments, CallReader, CallStart, Content, Event, read_all
 from llmapi.engine.types import GenerationResult, Grammar
 from llmapi.http.fields import StrictBoolean, schema_source
 from llmapi.http.openai.formats import ChatFormat, finish_reason
@@ -173,11 +173,10 @@ class ToolsSchema(Schema):
 
 @dataclass(frozen=True)
 class ToolPlan:
-    """What a request's tool fields ask for: the tools to render, how the answer is read, the grammar if forced."""
+    """What a request's tool fields ask for: the tools to render, whether calls are read, the grammar if any."""
 
     tools: tuple[dict[str, Any], ...] = ()
     choice: str = "none"  # none, auto, required, or "named"
-    name: str = ""  # the named function
     parallel: bool = True
     grammar: Grammar | None = field(default=None)
 
@@ -189,50 +188,70 @@ class ToolPlan:
     @property
     def rendered(self) -> list[dict[str, Any]] | None:
         """The tools the prompt lists (none for tool_choice none)."""
-        return [tool for tool in self.tools] if self.active else None
+        return list(self.tools) if self.active else None
 
     def reader(self) -> CallReader:
         """A fresh reader of one choice's text."""
-        return CallReader(self.mode, name=self.name, parallel=self.parallel)
-
-    @property
-    def mode(self) -> str:
-        """The reader's mode: what the model's text is."""
-        return "auto" if self.choice == "auto" else self.choice
+        return CallReader(parallel=self.parallel)
 
 
 def plan(args: dict[str, Any]) -> ToolPlan:
-    """The tool plan of a validated chat request."""
+    """The tool plan of a validated chat request.
+
+    The grammar is xgrammar's structural tag: each call is `<tool_call>\n{"name": "<tool>", "arguments": ` then
+    JSON validating the tool's parameters, then `}\n</tool_call>`, the very markup the prompt asks for. "required"
+    allows only calls (at least one; one when parallel_tool_calls is false) and a named function only its call;
+    "auto" leaves the model free until it opens a call, then holds the call to a tool's shape, its arguments to
+    the tool's parameters when the tool is `strict` (to any JSON object otherwise). The answer is read back by the
+    same reader whichever way.
+    """
     tools = tuple(args.get("tools") or ())
     choice = args.get("tool_choice", "auto" if tools else "none")
     parallel = args["parallel_tool_calls"]
     if not tools or choice == "none":
         return ToolPlan(tools, "none", parallel=parallel)
+    functions = [tool["function"] for tool in tools]
     if choice == "auto":
-        return ToolPlan(tools, "auto", parallel=parallel)
+        if not any(function.get("strict") for function in functions):
+            return ToolPlan(tools, "auto", parallel=parallel)
+        tags = [_tag(function, strict=bool(function.get("strict"))) for function in functions]
+        free = {"type": "triggered_tags", "triggers": [OPEN], "tags": tags, "stop_after_first": not parallel}
+        return ToolPlan(tools, "auto", parallel=parallel, grammar=_grammar(free, "tools"))
     if choice == "required":
-        calls = [_call_schema(tool["function"]) for tool in tools]
-        array = {"type": "array", "minItems": 1, "items": {"anyOf": calls}, **({} if parallel else {"maxItems": 1})}
-        return ToolPlan(tools, "required", parallel=parallel, grammar=_grammar(array, "tools"))
-    index = next(i for i, tool in enumerate(tools) if tool["function"]["name"] == choice["name"])
-    parameters = tools[index]["function"]["parameters"]
-    grammar = _grammar(parameters, f"tools.{index}.function.parameters")
-    return ToolPlan(tools, "named", name=choice["name"], parallel=parallel, grammar=grammar)
+        tags = [_tag(function) for function in functions]
+        return ToolPlan(tools, "required", parallel=parallel, grammar=_grammar(_calls(tags, parallel), "tools"))
+    index = next(i for i, function in enumerate(functions) if function["name"] == choice["name"])
+    grammar = _grammar(_calls([_tag(functions[index])], False), f"tools.{index}.function.parameters")
+    return ToolPlan(tools, "named", parallel=parallel, grammar=grammar)
 
 
-def _call_schema(function: dict[str, Any]) -> dict[str, Any]:
-    """The JSON schema of one call of `function`: its name, then arguments validating its parameters."""
+def _tag(function: dict[str, Any], *, strict: bool = True) -> dict[str, Any]:
+    """The structural tag of one call of `function`: its arguments held to its parameters (or any object)."""
+    schema = function["parameters"] if strict else {"type": "object"}
+    content = {"type": "json_schema", "json_schema": schema, "max_whitespace_cnt": 1}
+    begin = f'{OPEN}\n{{"name": {json.dumps(function["name"])}, "arguments": '
+    return {"type": "tag", "begin": begin, "content": content, "end": f"}}\n{CLOSE}"}
+
+
+def _calls(tags: list[dict[str, Any]], parallel: bool) -> dict[str, Any]:
+    """Calls only: at least one; one when `parallel` is false.
+
+    No separator between calls: after `</tool_call>` a newline invited SmolLM2-135M-Instruct to open call after
+    call (4 of 6 of bench/agents.py's prompts repeated calls, 2 ran out of tokens), while with end-of-sequence
+    or `<tool_call>` itself as the only ways on, all 6 ended after one call (greedy).
+    """
     return {
-        "type": "object",
-        "properties": {"name": {"const": function["name"]}, "arguments": function["parameters"]},
-        "required": ["name", "arguments"],
-        "additionalProperties": False,
+        "type": "tags_with_separator",
+        "tags": tags,
+        "separator": "",
+        "at_least_one": True,
+        "stop_after_first": not parallel,
     }
 
 
-def _grammar(schema: dict[str, Any], param: str) -> Grammar:
-    """The engine's grammar for a JSON schema, named after the request field a refusal should name."""
-    return Grammar("json_schema", json.dumps(schema, sort_keys=False, separators=(",", ":")), param=param)
+def _grammar(format_: dict[str, Any], param: str) -> Grammar:
+    """The engine's grammar for a structural tag, named after the request field a refusal should name."""
+    return Grammar("structural_tag", json.dumps({"type": "structural_tag", "format": format_}), param=param)
 
 
 class Said(str):
@@ -257,7 +276,7 @@ class ToolChatFormat(ChatFormat):
 
     def choice(self, index: int, result: GenerationResult) -> dict[str, Any]:
         """A finished choice: content (null when empty) and the calls it made."""
-        events = list(read_all(result.text, self.plan.mode, name=self.plan.name, parallel=self.plan.parallel))
+        events = list(read_all(result.text, parallel=self.plan.parallel))
         content = "".join(event.text for event in events if isinstance(event, Content))
         calls: dict[int, dict[str, Any]] = {}
         for event in events:
