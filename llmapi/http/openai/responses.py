@@ -9,19 +9,20 @@ conversation state (a client sends the whole conversation each time, as with cha
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from marshmallow import Schema, ValidationError, fields, validates_schema
+from marshmallow import Schema, ValidationError, fields, pre_load, validates_schema
 from marshmallow.validate import Length, Range
 
 from llmapi.config import Settings
 from llmapi.engine.toolcalls import Arguments, CallStart, Content, Event
 from llmapi.engine.types import GenerationRequest, GenerationResult, Grammar
 from llmapi.http.answer import answer
-from llmapi.http.fields import ErrorSchema, StrictBoolean, StrictFloat, StrictInteger, schema_source
+from llmapi.http.fields import ErrorSchema, StrictBoolean, StrictFloat, StrictInteger, is_text, schema_source
 from llmapi.http.jsonbody import Blueprint
 from llmapi.http.openai.schemas import (
     MAX_MESSAGES,
@@ -44,6 +45,12 @@ ERRORS = [
     (404, "Unknown model"),
     (503, "Model unavailable"),
 ]
+
+
+def unicode_text(value: str) -> None:
+    """Refuse text with an unpaired surrogate (no tokenizer can encode it)."""
+    if not is_text(value):
+        raise ValidationError("Must be valid Unicode text (it has an unpaired surrogate).")
 
 
 def _refuse(index: int, key: str, message: str) -> ValidationError:
@@ -94,7 +101,33 @@ class InputField(fields.Field):
     """input: a string (one user message), or a list of message, function_call and function_call_output items."""
 
     def __init__(self, *, max_chars: int, **kwargs: Any) -> None:
-        item = {"type": "object", "description": "a message, function_call or function_call_output item"}
+        text = {"type": "string", "minLength": 1}
+        part = {
+            "type": "object",
+            "required": ["type", "text"],
+            "properties": {"type": {"type": "string", "enum": list(TEXT_PARTS)}, "text": {"type": "string"}},
+        }
+        content = {"oneOf": [{"type": "string"}, {"type": "array", "items": part}]}
+        message = {
+            "type": "object",
+            "required": ["role", "content"],
+            "properties": {
+                "type": {"type": "string", "enum": ["message"]},
+                "role": {"enum": list(ROLES)},
+                "content": content,
+            },
+        }
+        call = {
+            "type": "object",
+            "required": ["type", "call_id", "name", "arguments"],
+            "properties": {"type": {"enum": ["function_call"]}, "call_id": text, "name": text, "arguments": text},
+        }
+        output = {
+            "type": "object",
+            "required": ["type", "call_id", "output"],
+            "properties": {"type": {"enum": ["function_call_output"]}, "call_id": text, "output": {"type": "string"}},
+        }
+        item = {"oneOf": [message, call, output], "description": "a message, function_call or function_call_output"}
         many = {"type": "array", "items": item, "minItems": 1, "maxItems": MAX_MESSAGES}
         text = {"type": "string", "minLength": 1, "maxLength": max_chars}
         super().__init__(metadata={"oneOf": [text, many], **kwargs.pop("metadata", {})}, **kwargs)
@@ -116,11 +149,15 @@ class InputField(fields.Field):
             raise ValidationError(f"Must be a non-empty string or a list of 1 to {MAX_MESSAGES} items.")
         if sum(len(message["content"]) for message in messages) > self.max_chars:
             raise ValidationError(f"The contents together exceed {self.max_chars} characters.")
+        if not is_text(json.dumps(messages, ensure_ascii=False)):
+            raise ValidationError("Must be valid Unicode text (it has an unpaired surrogate).")
         return messages
 
 
 class ResponseToolsField(ToolsField):
     """tools: function tools in the Responses shape ({"type": "function", "name", "parameters", ...})."""
+
+    flat = True
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> tuple[dict[str, Any], ...]:
         if not isinstance(value, list) or len(value) > MAX_TOOLS:
@@ -136,6 +173,8 @@ class ResponseToolsField(ToolsField):
 class ResponseToolChoiceField(ToolChoiceField):
     """tool_choice: "none", "auto", "required", or {"type": "function", "name": ...}."""
 
+    flat = True
+
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str | dict[str, str]:
         if isinstance(value, dict) and set(value) == {"type", "name"}:
             value = {"type": value["type"], "function": {"name": value["name"]}}
@@ -146,11 +185,34 @@ class TextField(fields.Field):
     """text: {"format": {"type": "text"}}, json_object, or {"type": "json_schema", "name", "schema", "strict"}."""
 
     def __init__(self, **kwargs: Any) -> None:
-        schema = {"type": "object", "description": 'the output\'s format: {"format": {"type": "json_schema", ...}}'}
+        plain = {
+            "type": "object",
+            "required": ["type"],
+            "properties": {"type": {"type": "string", "enum": ["text", "json_object"]}},
+            "additionalProperties": False,
+        }
+        json_schema = {
+            "type": "object",
+            "required": ["type", "name"],
+            "properties": {
+                "type": {"type": "string", "enum": ["json_schema"]},
+                "name": {"type": "string", "maxLength": MAX_SCHEMA_NAME},
+                "description": {"type": "string"},
+                "schema": {"type": "object", "description": "the JSON schema the answer must validate against"},
+                "strict": {"type": "boolean", "nullable": True},
+            },
+            "additionalProperties": False,
+        }
+        schema = {
+            "type": "object",
+            "properties": {"format": {"oneOf": [plain, json_schema]}},
+            "additionalProperties": False,
+            "description": "the output's format, enforced token by token as response_format",
+        }
         super().__init__(metadata=schema, **kwargs)
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Grammar | None:
-        if not isinstance(value, dict) or set(value) - {"format", "verbosity"}:
+        if not isinstance(value, dict) or set(value) - {"format"}:
             raise ValidationError('Must be {"format": {...}}.')
         spec = value.get("format") or {"type": "text"}
         kind = spec.get("type") if isinstance(spec, dict) else None
@@ -159,6 +221,8 @@ class TextField(fields.Field):
         if kind == "json_object" and set(spec) == {"type"}:
             return Grammar("json_object", param="text.format")
         if kind != "json_schema" or set(spec) - {"type", "name", "schema", "strict", "description"}:
+            raise ValidationError("format must be text, json_object, or json_schema with name, schema and strict.")
+        if spec.get("strict") not in (None, True, False) or not isinstance(spec.get("description", ""), str):
             raise ValidationError("format must be text, json_object, or json_schema with name, schema and strict.")
         if not isinstance(spec.get("name"), str) or len(spec["name"]) > MAX_SCHEMA_NAME:
             raise ValidationError(f"format.name must be a string of at most {MAX_SCHEMA_NAME} characters.")
@@ -180,7 +244,7 @@ def request_schema(settings: Settings) -> type[Schema]:
         input = InputField(required=True, max_chars=settings.max_prompt_chars)
         instructions = fields.String(
             allow_none=True,
-            validate=Length(max=settings.max_prompt_chars),
+            validate=[Length(max=settings.max_prompt_chars), unicode_text],
             metadata={"description": "a system message in front of the input"},
         )
         tools = ResponseToolsField(metadata={"description": "function tools (the Responses shape)"})
@@ -204,6 +268,13 @@ def request_schema(settings: Settings) -> type[Schema]:
         reasoning = Unsupported()
         metadata = Unsupported({})
         service_tier = Unsupported("auto", "default")
+
+        @pre_load
+        def _null_is_absent(self, data: Any, **kwargs: Any) -> Any:
+            # As on chat: an optional parameter sent as null is not sent (its default applies).
+            if not isinstance(data, dict):
+                return data
+            return {key: value for key, value in data.items() if value is not None or key == "input"}
 
         @validates_schema
         def _choice_names_a_tool(self, data: dict[str, Any], **kwargs: Any) -> None:

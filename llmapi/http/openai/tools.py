@@ -74,8 +74,10 @@ def _function(index: int, tool: Any) -> dict[str, Any]:
 class ToolsField(fields.Field):
     """tools: up to MAX_TOOLS function tools, each with a JSON-schema object as its parameters."""
 
+    flat = False  # the Responses API's tools carry the function's fields beside "type"
+
     def __init__(self, **kwargs: Any) -> None:
-        function = {
+        function: dict[str, Any] = {
             "type": "object",
             "required": ["name"],
             "properties": {
@@ -86,12 +88,15 @@ class ToolsField(fields.Field):
             },
             "additionalProperties": False,
         }
+        kind = {"type": "string", "enum": ["function"]}
         tool = {
             "type": "object",
             "required": ["type", "function"],
-            "properties": {"type": {"type": "string", "enum": ["function"]}, "function": function},
+            "properties": {"type": kind, "function": function},
             "additionalProperties": False,
         }
+        if self.flat:
+            tool = {**function, "required": ["type", "name"], "properties": {"type": kind, **function["properties"]}}
         schema = {"type": "array", "items": tool, "maxItems": MAX_TOOLS, **kwargs.pop("metadata", {})}
         super().__init__(metadata=schema, **kwargs)
 
@@ -108,8 +113,10 @@ class ToolsField(fields.Field):
 class ToolChoiceField(fields.Field):
     """tool_choice: "none", "auto", "required", or {"type": "function", "function": {"name": ...}}."""
 
+    flat = False  # the Responses API names the function beside "type"
+
     def __init__(self, **kwargs: Any) -> None:
-        named = {
+        named: dict[str, Any] = {
             "type": "object",
             "required": ["type", "function"],
             "properties": {
@@ -123,7 +130,11 @@ class ToolChoiceField(fields.Field):
             },
             "additionalProperties": False,
         }
-        schema = {"oneOf": [{"type": "string", "enum": list(CHOICES)}, named], **kwargs.pop("metadata", {})}
+        if self.flat:
+            named = {**named, "required": ["type", "name"], "properties": {"type": named["properties"]["type"]}}
+            named["properties"]["name"] = {"type": "string"}
+        schema = {"oneOf": [{"type": "string", "enum": list(CHOICES)}, named], "example": "none"}
+        schema.update(kwargs.pop("metadata", {}))
         super().__init__(metadata=schema, **kwargs)
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str | dict[str, str]:
