@@ -79,6 +79,7 @@ NEEDS_A_TOOL = [
     "Check the weather in New York for me.",
     "What's 300 Canadian dollars in US dollars?",
 ]
+RIGHT_TOOL = ["get_weather"] * 5 + ["convert_currency"] * 3 + ["get_weather", "convert_currency"]
 
 
 def cosine_ranks(queries: list[list[float]], passages: list[list[float]]) -> list[int]:
@@ -113,7 +114,7 @@ def auto_rate(engine: Any, max_tokens: int) -> None:
     called = 0
     for ask in NEEDS_A_TOOL:
         text = engine.generate(GenerationRequest(prompt=prompt(engine, ask), max_new_tokens=max_tokens)).text
-        called += any(isinstance(event, CallStart) for event in read_all(text, "auto"))
+        called += any(isinstance(event, CallStart) for event in read_all(text))
     print(f"auto: {called} of {len(NEEDS_A_TOOL)} prompts that need a tool got a call")
 
 
@@ -125,25 +126,29 @@ def constrained_cost(engine: Any, max_tokens: int) -> None:
     engine.generate(GenerationRequest(prompt=prompt(engine, "warm up"), max_new_tokens=4))
     for label, choice in choices:
         grammar = plan({"tools": TOOLS, "tool_choice": choice, "parallel_tool_calls": True}).grammar
-        tokens, seconds = 0, 0.0
-        for ask in NEEDS_A_TOOL:
+        tokens, seconds, right = 0, 0.0, 0
+        for ask, tool in zip(NEEDS_A_TOOL, RIGHT_TOOL):
             request = GenerationRequest(prompt=prompt(engine, ask), max_new_tokens=max_tokens, grammar=grammar)
             started = time.perf_counter()
             result = engine.generate(request)
             seconds += time.perf_counter() - started
             tokens += result.completion_tokens
-        print(f"{label}: {tokens} tokens in {seconds:.2f} s, {tokens / seconds:.1f} tokens/s (prefill included)")
+            right += [e.name for e in read_all(result.text) if isinstance(e, CallStart)][:1] == [tool]
+        rate = f"{tokens} tokens in {seconds:.2f} s, {tokens / seconds:.1f} tokens/s (prefill included)"
+        print(f"{label}: {rate}; the right tool first on {right} of {len(NEEDS_A_TOOL)}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="/work/models/smollm2-135m-instruct")
     parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--no-pooling", action="store_true", help="skip the retrieval measurement")
     args = parser.parse_args()
     from llmapi.engine import create_engine
 
     engine = create_engine(args.model, threads=1, max_batch_size=8, batch_wait_ms=5)
-    pooling(engine)
+    if not args.no_pooling:
+        pooling(engine)
     auto_rate(engine, args.max_tokens)
     constrained_cost(engine, args.max_tokens)
     engine.close()
