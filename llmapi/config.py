@@ -169,6 +169,11 @@ class Settings:
         doc="where a .gguf MODEL_NAME is converted to a Hugging Face folder, once per file and dtype;"
         " empty = ~/.cache/llmapi/gguf",
     )
+    embeddings_pooling: str = env(
+        "EMBEDDINGS_POOLING",
+        "last",
+        doc="/v1/embeddings: last (the last token's hidden state) or mean (of all of them); normalized",
+    )
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -310,6 +315,8 @@ class Settings:
             )
         if self.log_format not in {"text", "json"}:
             raise ConfigError(f"LOG_FORMAT must be text or json, got {self.log_format!r}")
+        if self.embeddings_pooling not in ("mean", "last"):
+            raise ConfigError(f"EMBEDDINGS_POOLING must be mean or last, got {self.embeddings_pooling!r}")
         if self.trusted_proxy_hops < 0:
             raise ConfigError(f"TRUSTED_PROXY_HOPS must not be negative, got {self.trusted_proxy_hops}")
 

@@ -25,7 +25,7 @@ RULES = [
     ("http", MODEL),
 ]
 # The engine modules the HTTP side may use: plain data and the chat template's error, none of which imports torch.
-ENGINE_FOR_HTTP = ("llmapi.engine.types", "llmapi.engine.chat", "llmapi.engine")
+ENGINE_FOR_HTTP = ("llmapi.engine.types", "llmapi.engine.chat", "llmapi.engine.toolcalls", "llmapi.engine")
 
 
 def imported(path: Path) -> set[str]:

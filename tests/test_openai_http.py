@@ -339,13 +339,13 @@ PROMPT = {"prompt": "hi"}
         ("/chat/completions", {"messages": "hi"}, "messages"),
         ("/chat/completions", {"messages": [{"role": "user"}]}, "messages.0.content"),
         ("/chat/completions", {"messages": [{"content": "hi"}]}, "messages.0.role"),
-        ("/chat/completions", {"messages": [{"role": "tool", "content": "hi"}]}, "messages.0.role"),
-        ("/chat/completions", {"messages": [{"role": "developer", "content": "hi"}]}, "messages.0.role"),
+        ("/chat/completions", {"messages": [{"role": "tool", "content": "hi"}]}, "messages.0.tool_call_id"),
+        ("/chat/completions", {"messages": [{"role": "critic", "content": "hi"}]}, "messages.0.role"),
         ("/chat/completions", {"messages": [{"role": "user", "content": None}]}, "messages.0.content"),
         ("/chat/completions", {"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
         ("/chat/completions", {"messages": [{"role": "user", "content": "x" * 201}]}, "messages.0.content"),
         ("/chat/completions", {"messages": [{"role": "user", "content": "x" * 150}] * 2}, "messages"),
-        ("/chat/completions", {"messages": [{"role": "user", "content": "hi", "name": "bo"}]}, "messages.0.name"),
+        ("/chat/completions", {"messages": [{"role": "user", "content": "hi", "name": "b" * 65}]}, "messages.0.name"),
         (
             "/chat/completions",
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
@@ -367,8 +367,7 @@ def test_openai_validation_is_400_naming_the_parameter(client, path, body, param
     [
         ("/completions", "suffix", " end"),
         ("/completions", "best_of", 2),
-        ("/chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}]),
-        ("/chat/completions", "tool_choice", "auto"),
+        ("/chat/completions", "tool_choice", "auto"),  # without tools
         ("/chat/completions", "functions", [{"name": "f"}]),
         ("/chat/completions", "function_call", "auto"),
         ("/chat/completions", "audio", {"voice": "alloy"}),

@@ -163,7 +163,11 @@ def test_openai_client_unknown_model_is_not_found(client):
     [
         ("completions", {"prompt": PROMPT, "logprobs": 9}, "logprobs"),
         ("completions", {"prompt": PROMPT, "suffix": " The end."}, "suffix"),
-        ("chat", {"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        (
+            "chat",
+            {"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f f"}}]},
+            "tools.0.function.name",
+        ),
         ("chat", {"messages": MESSAGES, "response_format": {"type": "xml"}}, "response_format"),
         ("chat", {"messages": MESSAGES, "max_tokens": 10_000}, "max_tokens"),
     ],

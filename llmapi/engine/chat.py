@@ -7,10 +7,11 @@ from typing import Any
 
 from jinja2 import TemplateError, TemplateSyntaxError
 
+from llmapi.engine.toolcalls import generic_messages, template_messages
 from llmapi.engine.types import EngineError
 
 ROLES = ("system", "user", "assistant")
-Message = Mapping[str, str]
+Message = Mapping[str, Any]  # role, content, and an assistant's tool_calls or a tool's tool_call_id
 
 
 class ChatTemplateError(EngineError):
@@ -27,14 +28,25 @@ def default_template(messages: Sequence[Message]) -> str:
     return "\n".join([*lines, "Assistant:"])
 
 
-def render(tokenizer: Any, messages: Sequence[Message]) -> str:
-    """Render `messages` with the tokenizer's chat template, or the default one, ready for encoding."""
+def takes_tools(tokenizer: Any) -> bool:
+    """Whether the tokenizer's chat template renders `tools` itself (it names them); else the generic prompt does."""
+    template = getattr(tokenizer, "chat_template", None)
+    return isinstance(template, str) and "tools" in template
+
+
+def render(tokenizer: Any, messages: Sequence[Message], tools: Sequence[Mapping[str, Any]] | None = None) -> str:
+    """Render `messages` (and `tools`, OpenAI's tool objects) with the tokenizer's chat template, or the default one.
+
+    A template that takes tools gets them and the conversation's calls as they are; any other gets the generic
+    tool prompt and the calls as text (engine/toolcalls.py).
+    """
+    native = takes_tools(tokenizer)
+    chat = template_messages(messages) if native else generic_messages(messages, tools)
     if not getattr(tokenizer, "chat_template", None):
-        return default_template(messages)
+        return default_template(chat)
+    options = {"tools": list(tools)} if native and tools else {}
     try:
-        text = tokenizer.apply_chat_template(
-            [dict(message) for message in messages], tokenize=False, add_generation_prompt=True
-        )
+        text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True, **options)
     except TemplateSyntaxError:
         raise  # a broken template is the server's fault: let it surface as a 500 with its traceback
     except TemplateError as exc:  # the template's own raise_exception(...) about the conversation

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from llmapi.engine import kv, logprobs
+from llmapi.engine import embed, kv, logprobs
 from llmapi.engine.bytelevel import fast_decoder
 from llmapi.engine.config import EngineConfig
 from llmapi.engine.handle import Handle
@@ -32,7 +32,7 @@ from llmapi.engine.stats import TokenRate, model_facts
 from llmapi.engine.step import DecodeStep
 from llmapi.engine.text import IncrementalDecoder
 from llmapi.engine.tokenizer import Tokenizer
-from llmapi.engine.types import EngineError, EngineStats, GenerationRequest
+from llmapi.engine.types import EmbeddingRequest, EngineError, EngineStats, GenerationRequest
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,12 @@ class Engine(Tokenizer):
         self.scheduler.add(row)
         return handle
 
+    def embed(self, request: EmbeddingRequest) -> embed.EmbedRow:
+        """Queue one input to embed: admitted like a generation, run with the others taken with it (engine/embed.py)."""
+        row = embed.EmbedRow(request, embed.input_ids(self, request))
+        self.scheduler.add(row)
+        return row
+
     def stats(self) -> dict[str, Any]:
         """Live figures for the status route, read from the request thread without pausing the decoding thread."""
         scheduler = self.scheduler
@@ -123,6 +129,9 @@ class Engine(Tokenizer):
         while not scheduler.closing:
             with torch.inference_mode():
                 for rows in scheduler.admit():
+                    if isinstance(rows[0], embed.EmbedRow):  # inputs to embed: one forward pass, done
+                        self._guarded(rows, partial(embed.run, self.loaded.model, rows, pad_id=self.loaded.pad_id))
+                        continue
                     self._guarded(rows, partial(scheduler.start_prefill, rows))
                 for job in scheduler.prefills_due():
                     if not self._guarded(job.rows, partial(self._prefill, job)):

@@ -81,17 +81,19 @@ class Grammars:
                 return self._compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
             if grammar.kind == "json_schema":
                 return self._compiler.compile_json_schema(grammar.source, any_whitespace=False, strict_mode=True)
+            if grammar.kind == "structural_tag":  # tool calls: tags around JSON arguments (http/openai/tools.py)
+                return self._compiler.compile_structural_tag(grammar.source)
             return self._compiler.compile_grammar(grammar.source)
         except (RuntimeError, ValueError, TypeError) as exc:
-            what = "JSON schema" if grammar.kind == "json_schema" else "grammar"
+            what = "grammar" if grammar.kind == "ebnf" else "JSON schema"
             detail = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__
             # xgrammar's C++ messages start "[hh:mm:ss] /path/of/its/source.cc:line: ": not the client's business.
             detail = XGRAMMAR_PREFIX.sub("", detail)
-            raise InvalidRequest(f"The {what} cannot be used: {detail}", param=grammar.kind) from exc
+            raise InvalidRequest(f"The {what} cannot be used: {detail}", param=grammar.param or grammar.kind) from exc
 
     def matcher(self, grammar: Grammar) -> Matcher:
         """A fresh matcher for one row."""
-        return Matcher(self.compiled(grammar), json=grammar.kind != "ebnf")
+        return Matcher(self.compiled(grammar), json=grammar.kind in ("json_object", "json_schema"))
 
     def mask(self, logits: torch.Tensor, matchers: Sequence[Matcher | None]) -> None:
         """Set to -inf, in place, the logits of the tokens each row's grammar forbids (rows with None: untouched)."""

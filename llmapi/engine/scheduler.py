@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from llmapi.engine.config import EngineConfig
+from llmapi.engine.embed import EmbedRow
 from llmapi.engine.lane import Lane
 from llmapi.engine.prefill import Prefill
 from llmapi.engine.prefix_cache import PrefixCache
@@ -29,13 +30,13 @@ class Scheduler:
         self.model_name = model_name
         self.pad_id = pad_id
         self.device = device
-        self.waiting: deque[Row] = deque()
+        self.waiting: deque[Row | EmbedRow] = deque()  # an input to embed waits for room like a generation
         self.prefilling: list[Prefill] = []
         self.lanes: list[Lane] = []
         self.wakeup = threading.Condition()
         self.closing = False
 
-    def add(self, row: Row) -> None:
+    def add(self, row: Row | EmbedRow) -> None:
         """Queue a submitted row and wake the engine thread (from the caller's thread)."""
         with self.wakeup:
             if self.closing:
@@ -71,11 +72,13 @@ class Scheduler:
             if busy and waited < self.batch_wait_s and len(self.waiting) < room:
                 return []
             taken = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
+        embeds = [row for row in taken if isinstance(row, EmbedRow)]  # run by the engine in one forward pass
+        taken = [row for row in taken if not isinstance(row, EmbedRow)]
         shared = [row for row in taken if not row.solo and not row.needs_prompt_logprobs]
         # A row that scores its prompt prefills alone, so that its prefill keeps one prompt's logits (T x vocab),
         # not the whole group's; its lane then joins the shared one like any other.
         alone = [[row] for row in taken if row.solo or row.needs_prompt_logprobs]
-        return ([shared] if shared else []) + alone
+        return ([embeds] if embeds else []) + ([shared] if shared else []) + alone
 
     def _wait_for_company(self) -> None:
         """Hold a new batch open for batch_wait_ms or until it is full (the caller holds the lock)."""

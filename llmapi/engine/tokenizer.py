@@ -4,12 +4,18 @@ the context check, and the facts of the loaded model."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from llmapi.engine.chat import Message, render
 from llmapi.engine.loader import LoadedModel
-from llmapi.engine.types import ContextLengthExceeded, GenerationRequest, GenerationResult, InvalidRequest
+from llmapi.engine.types import (
+    ContextLengthExceeded,
+    EmbeddingRequest,
+    GenerationRequest,
+    GenerationResult,
+    InvalidRequest,
+)
 
 
 class Tokenizer:
@@ -85,10 +91,10 @@ class Tokenizer:
         with self._tokenizer_lock:
             return self.loaded.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
-    def render_chat(self, messages: Sequence[Message]) -> str:
-        """Turn chat messages into the prompt this model expects (its chat template, or the default)."""
+    def render_chat(self, messages: Sequence[Message], tools: Sequence[Mapping[str, Any]] | None = None) -> str:
+        """Turn chat messages (and tools) into the prompt this model expects (its chat template, or the default)."""
         with self._tokenizer_lock:
-            return render(self.loaded.tokenizer, messages)
+            return render(self.loaded.tokenizer, messages, tools)
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         """Tokenize the prompt (or take its ids); raise ContextLengthExceeded when it and the new tokens cannot fit."""
@@ -107,6 +113,10 @@ class Tokenizer:
                 prompt_tokens=len(ids), max_new_tokens=request.max_new_tokens, context_length=self.context_length
             )
         return ids
+
+    def embed(self, request: EmbeddingRequest) -> Any:
+        """Queue one input to embed (the batching engine does; the simple one does not)."""
+        raise InvalidRequest("This server's engine (ENGINE_MODE=simple) does not serve embeddings.", param="input")
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
         """Generate and wait for the whole result (through the engine's own submit())."""

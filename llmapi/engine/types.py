@@ -56,10 +56,12 @@ GREEDY_BELOW_TEMPERATURE = 1e-5
 @dataclass(frozen=True)
 class Grammar:
     """A constraint on the generated text: `kind` "json_object" (any JSON object), "json_schema" (`source` is the
-    schema as JSON text), or "ebnf" (`source` is a GBNF-style grammar)."""
+    schema as JSON text), "ebnf" (`source` is a GBNF-style grammar), or "structural_tag" (`source` is xgrammar's
+    structural tag as JSON text: the tool calls' tags around JSON arguments)."""
 
     kind: str
     source: str = ""
+    param: str = field(default="", compare=False)  # the request field a refusal names (default: the kind)
 
 
 @dataclass(frozen=True)
@@ -178,8 +180,28 @@ class EngineLike(Protocol):
     def stats(self) -> dict[str, Any]: ...  # live figures for /status ({} when the engine has none)
 
     def submit(self, request: GenerationRequest) -> Handle: ...
-    def render_chat(self, messages: Sequence[Mapping[str, str]]) -> str: ...
+    def render_chat(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None
+    ) -> str: ...
     def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]: ...
     def token_strings(self, ids: list[int]) -> list[str]: ...
     def decode(self, ids: list[int]) -> str: ...
     def outside(self, ids: Sequence[int]) -> int | None: ...
+
+
+@dataclass(frozen=True)
+class EmbeddingRequest:
+    """One input to embed: text, or token ids; pooled "mean" (over its tokens) or "last" (its last token)."""
+
+    text: str = ""
+    ids: tuple[int, ...] | None = None
+    pooling: str = "last"
+    param: str = ""  # the request field that holds it ("input.3"), named when it is refused
+
+
+@dataclass(frozen=True)
+class EmbeddingResult:
+    """An input's embedding: the pooled last hidden states, L2-normalized, and how many tokens it read."""
+
+    embedding: tuple[float, ...]
+    prompt_tokens: int

@@ -32,10 +32,12 @@ def answer(
     fmt: Format,
     *,
     stream: bool,
-    messages: Sequence[Mapping[str, str]] | None = None,
+    messages: Sequence[Mapping[str, Any]] | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
 ) -> Response | dict[str, Any]:
-    """Run `requests` (one per choice; a chat's `messages` are rendered into their prompt) and answer in `fmt`."""
-    generation = runner.start(engine_service(), requests, messages=messages)
+    """Run `requests` (one per choice; a chat's `messages` and `tools` are rendered into their prompt) and answer in
+    `fmt`."""
+    generation = runner.start(engine_service(), requests, messages=messages, tools=tools)
     if not stream:
         return fmt.body(generation.results())
     response = Response(_stream(generation, fmt), mimetype="text/event-stream", headers=SSE_HEADERS)

@@ -15,7 +15,14 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
-from llmapi.engine.types import EngineLike, GenerationRequest, GenerationResult, Piece
+from llmapi.engine.types import (
+    EmbeddingRequest,
+    EmbeddingResult,
+    EngineLike,
+    GenerationRequest,
+    GenerationResult,
+    Piece,
+)
 from llmapi.runtime.admission import Slot
 from llmapi.runtime.service import EngineService
 from llmapi.runtime.tracking import TrackedHandle
@@ -93,14 +100,16 @@ def start(
     service: EngineService,
     requests: Sequence[GenerationRequest],
     *,
-    messages: Sequence[Mapping[str, str]] | None = None,
+    messages: Sequence[Mapping[str, Any]] | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
 ) -> Generation:
-    """Admit the request, then (inside its place) load, render the chat into the prompt, and submit every choice."""
+    """Admit the request, then (inside its place) load, render the chat (and its tools) into the prompt, and
+    submit every choice."""
     generation = Generation(service.admission.enter())
     try:
         engine = service.engine()
         if messages is not None:
-            prompt = engine.render_chat(messages)
+            prompt = engine.render_chat(messages, tools) if tools else engine.render_chat(messages)
             requests = [replace(request, prompt=prompt) for request in requests]
         for request in requests:
             inner = engine.submit(request)
@@ -125,3 +134,10 @@ def admitted(service: EngineService) -> Iterator[EngineLike]:
         yield service.engine()
     finally:
         slot.release()
+
+
+def embed(service: EngineService, requests: Sequence[EmbeddingRequest]) -> list[EmbeddingResult]:
+    """Admit the request, then queue every input in the engine (batched with whatever else it is given) and wait."""
+    with admitted(service) as engine:
+        rows = [engine.embed(request) for request in requests]  # type: ignore[attr-defined]
+        return [row.result() for row in rows]

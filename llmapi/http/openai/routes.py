@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from flask import Response, request
@@ -17,7 +18,9 @@ from llmapi.http.answer import answer
 from llmapi.http.fields import MAX_SEED, ErrorSchema
 from llmapi.http.hooks import require_api_key, require_json
 from llmapi.http.jsonbody import Blueprint  # JSON bodies parsed with limits
+from llmapi.http.openai import embeddings, responses
 from llmapi.http.openai.formats import ChatFormat, CompletionFormat
+from llmapi.http.openai.messages import chat_messages
 from llmapi.http.openai.schemas import (
     CHUNK_EVENT_SCHEMA,
     ChatCompletionResponseSchema,
@@ -25,13 +28,15 @@ from llmapi.http.openai.schemas import (
     ModelListSchema,
     build,
 )
+from llmapi.http.openai.tools import ToolChatFormat
+from llmapi.http.openai.tools import plan as tool_plan
 
 # This API's error dialect, declared once: a refused body is OpenAI's 400 (/generate answers 422), and a
 # request too long for the context names the part the client can shorten.
 VALIDATION_STATUS = 400
 # The engine names a grammar it refused by its kind; OpenAI's clients know it as response_format.
 RENAMED = {kind: "response_format" for kind in ("json_object", "json_schema", "ebnf")}
-CONTEXT_PARAM = {"openai.completions": "prompt", "openai.chat_completions": "messages"}
+CONTEXT_PARAM = {"openai.completions": "prompt", "openai.chat_completions": "messages", "openai.responses": "input"}
 ERRORS = [
     (400, "Invalid parameters, an unsupported parameter, or too long for the context"),
     (401, "Missing or invalid API key"),
@@ -186,10 +191,16 @@ def create_blueprint(settings: Settings) -> Blueprint:
         pieces, then the finish_reason), then `data: [DONE]`.
         """
         model = served_model(args, settings)
-        messages = [{"role": m["role"], "content": m["content"]} for m in args["messages"]]
+        messages = chat_messages(args["messages"])
         logprobs = args.get("top_logprobs", 0) if args["logprobs"] else None
         fmt = ChatFormat(model, n=args["n"], logprobs=logprobs is not None, include_usage=include_usage(args))
         requests = choice_requests([""], args, settings, logprobs=logprobs)
-        return answer(requests, fmt, stream=args["stream"], messages=messages)
+        tools = tool_plan(args)  # tool calling: http/openai/tools.py
+        if tools.active:
+            fmt = ToolChatFormat(model, tools, n=args["n"], include_usage=include_usage(args))
+            requests = [replace(request, grammar=tools.grammar or request.grammar) for request in requests]
+        return answer(requests, fmt, stream=args["stream"], messages=messages, tools=tools.rendered)
 
+    embeddings.register(blp, settings, served_model, VALIDATION_STATUS)  # POST /v1/embeddings
+    responses.register(blp, settings, served_model, VALIDATION_STATUS)  # POST /v1/responses
     return blp

@@ -20,7 +20,9 @@ from llmapi.http.fields import (
     StrictInteger,
     UsageSchema,
 )
+from llmapi.http.openai.messages import message_schema
 from llmapi.http.openai.params import ContentField, OpenAIStopField, PromptField, ResponseFormatField, Unsupported
+from llmapi.http.openai.tools import ToolCallSchema, ToolsSchema
 from llmapi.http.sse import event_schema
 
 MAX_MESSAGES = 256
@@ -113,7 +115,8 @@ class ChatMessageOutSchema(Schema):
     """The assistant's reply."""
 
     role = fields.String(required=True, metadata={"example": "assistant"})
-    content = fields.String(required=True)
+    content = fields.String(required=True, allow_none=True, metadata={"description": "null when only tools are called"})
+    tool_calls = fields.List(fields.Nested(ToolCallSchema), metadata={"description": "the calls, when any"})
 
 
 class ChatChoiceSchema(ChoiceSchema):
@@ -318,12 +321,10 @@ def chat_schema(settings: Settings, sampling: type[Schema]) -> type[Schema]:
     """The body of POST /v1/chat/completions, with this app's limits."""
     limit = settings.max_new_tokens_limit
 
-    class ChatMessageSchema(MessageSchema):
-        """One chat message, its content limited like a prompt."""
+    # One chat message (http/openai/messages.py), its content limited like a prompt.
+    ChatMessageSchema = message_schema(ContentField(max_chars=settings.max_prompt_chars, allow_none=True))
 
-        content = ContentField(required=True, max_chars=settings.max_prompt_chars)
-
-    class ChatCompletionRequestSchema(ChatChecks, sampling):  # type: ignore[valid-type,misc]
+    class ChatCompletionRequestSchema(ChatChecks, sampling, ToolsSchema):  # type: ignore[valid-type,misc]
         """The body of POST /v1/chat/completions."""
 
         max_prompt_chars = settings.max_prompt_chars
@@ -345,9 +346,6 @@ def chat_schema(settings: Settings, sampling: type[Schema]) -> type[Schema]:
             validate=Range(min=0, max=MAX_TOP_LOGPROBS),
             metadata={"description": "with logprobs: this many most likely alternatives per position"},
         )
-        tools = Unsupported([])
-        tool_choice = Unsupported("none")
-        parallel_tool_calls = Unsupported(True, False)  # says how to call tools; there are none to call
         functions = Unsupported([])
         function_call = Unsupported("none")
         response_format = ResponseFormatField()
