@@ -40,7 +40,16 @@ def select_rows(cache: Any, select: torch.Tensor) -> None:
 def drop_columns(cache: Any, lead: int) -> None:
     """Drop the first `lead` columns of every row (padding in all of them), in place."""
     for layer in cache.layers:
-        layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
+        held = layer.keys.shape[COLUMNS]
+        total = getattr(layer, "cumulative_length", None)
+        if total is None:
+            layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
+            continue
+        # A sliding-window layer holds only the last `held` of its `total` columns: drop what it holds of the lead,
+        # and count the lead out of its length, so that its window's offset matches the trimmed mask.
+        drop = max(0, lead - (total - held))
+        layer.keys, layer.values = layer.keys[:, :, drop:], layer.values[:, :, drop:]
+        layer.cumulative_length = total - lead
 
 
 def append_rows(cache: Any, other: Any, width: int) -> None:

@@ -16,7 +16,10 @@ class DecodeStep:
         self.model = model
         # With SDPA attention a decode step's mask is just "may row r see key k": built here as a view instead of
         # by transformers' mask functions, which cost about a tenth of a tiny model's step.
-        self.bool_masks = getattr(model.config, "_attn_implementation", None) == "sdpa"
+        # Not for a model with sliding-window layers: that view would let them see past their window, and its width
+        # would not match their cache, which keeps only the window's columns.
+        sdpa = getattr(model.config, "_attn_implementation", None) == "sdpa"
+        self.bool_masks = sdpa and not getattr(model.config, "sliding_window", None)
 
     def __call__(self, lane: Lane) -> torch.Tensor:
         """Feed each row's last token; return the logits of the next one, [rows, vocab] in fp32 (see sampling)."""
