@@ -196,3 +196,14 @@ def test_openai_client_deadline_is_finish_reason_timeout(start_server, tiny_mode
         completion = client.completions.create(model=tiny_model, prompt=PROMPT, max_tokens=500)
     assert completion.choices[0].finish_reason == "timeout"
     assert completion.usage.completion_tokens < 500
+
+
+def test_scoring_cut_by_the_deadline_is_an_error_never_a_partial_200(start_server, tiny_model):
+    # What lm-evaluation-harness sends: echo, logprobs, max_tokens 0; long prompts and a deadline far too short.
+    server = start_server(MODEL_NAME=tiny_model, GENERATION_TIMEOUT_MS="1", WEB_CONCURRENCY="1")
+    prompts = [" ".join(["tokens prompts and completions"] * 150)] * 8
+    body = {"model": tiny_model, "prompt": prompts, "echo": True, "logprobs": 1, "max_tokens": 0}
+    response = server.post("/v1/completions", body)
+    assert response.status_code == 503, response.text[:300]
+    error = response.json()["error"]
+    assert "deadline" in error["message"] and error["type"] == "timeout"

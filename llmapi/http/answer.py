@@ -12,7 +12,7 @@ from typing import Any, Protocol
 from flask import Response
 
 from llmapi.engine.types import GenerationRequest, GenerationResult
-from llmapi.errors import in_band
+from llmapi.errors import APIError, in_band
 from llmapi.http.sse import SSE_HEADERS, sse
 from llmapi.runtime import runner
 from llmapi.runtime.service import engine_service
@@ -39,12 +39,30 @@ def answer(
     `fmt`."""
     generation = runner.start(engine_service(), requests, messages=messages, tools=tools)
     if not stream:
-        return fmt.body(generation.results())
+        results = generation.results()
+        _refuse_cut_scoring(requests, results)
+        return fmt.body(results)
     response = Response(_stream(generation, fmt), mimetype="text/event-stream", headers=SSE_HEADERS)
     # The one cancel path: the server closes the response when the stream ends or the client hangs up,
     # even when no event was ever sent (a generator's own `finally` would not run then).
     response.call_on_close(generation.cancel)
     return response
+
+
+def _refuse_cut_scoring(requests: Sequence[GenerationRequest], results: Sequence[GenerationResult]) -> None:
+    """A scoring answer (the prompt's logprobs, nothing generated) cut by the deadline is an error, not a 200.
+
+    A scoring client reads log-probabilities, not finish_reason: part of its prompts scored, silently, would corrupt
+    an evaluation. A generation cut by the deadline keeps its partial text and says `timeout` instead.
+    """
+    scoring = any(r.max_new_tokens == 0 and r.prompt_logprobs is not None for r in requests)
+    if scoring and any(result.finish_reason == "timeout" for result in results):
+        raise APIError(
+            "The generation deadline (GENERATION_TIMEOUT_MS, or the request's timeout_ms) passed before every "
+            "prompt was scored; no partial scores are returned. Send fewer or shorter prompts, or a longer deadline.",
+            status=503,
+            type="timeout",
+        )
 
 
 def _stream(generation: runner.Generation, fmt: Format) -> Iterator[str]:
