@@ -207,3 +207,20 @@ def test_scoring_cut_by_the_deadline_is_an_error_never_a_partial_200(start_serve
     assert response.status_code == 503, response.text[:300]
     error = response.json()["error"]
     assert "deadline" in error["message"] and error["type"] == "timeout"
+
+
+def test_generation_cut_by_the_deadline_keeps_its_text_and_says_timeout(start_server, tiny_model):
+    # Unlike scoring, a generation past its deadline is a 200 with the text so far, in both APIs, streamed or not.
+    server = start_server(MODEL_NAME=tiny_model, GENERATION_TIMEOUT_MS="20", WEB_CONCURRENCY="1")
+    generate = server.post("/generate", {"prompt": "Hello", "max_new_tokens": 512, "min_new_tokens": 512})
+    assert generate.status_code == 200 and generate.json()["finish_reason"] == "timeout"
+    body = {"prompt": "Hello", "max_new_tokens": 512, "min_new_tokens": 512, "stream": True}
+    streamed = server.post("/generate", body, stream=True)
+    assert streamed.status_code == 200 and streamed.text.rstrip().endswith("}")
+    assert '"finish_reason": "timeout"' in streamed.text.replace('":"', '": "')
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=60) as client:
+        messages = [{"role": "user", "content": "Hello"}]
+        chat = client.chat.completions.create(model=tiny_model, messages=messages, max_tokens=512)
+        assert chat.choices[0].finish_reason == "timeout"
+        chunks = list(client.chat.completions.create(model=tiny_model, messages=messages, max_tokens=512, stream=True))
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["timeout"]
