@@ -271,14 +271,25 @@ def peers(path: str, payloads: dict[str, dict[str, Any]], clients: list[int], *,
     return figures
 
 
-def real_run(clients: list[int], *, quick: bool, new_tokens: int) -> dict[str, Any]:
+def real_run(
+    clients: list[int], *, quick: bool, new_tokens: int, variants: list[str] | None = None, agree: bool = True
+) -> dict[str, Any]:
     """The real model beside llama-server on its GGUF file (bench/real.py), T = `new_tokens` greedy."""
     path = str(real.REAL_MODEL)
     if not real.REAL_MODEL.exists():
         raise SystemExit(f"{path} is missing: `make real-model` gets it")
     body = bodies(new_tokens)["greedy"]
     workers = server_settings(path, {}).web_concurrency
-    return real.run(path, body, clients, WINDOWS[("small", quick)], load_run=load_run, workers=workers)
+    return real.run(
+        path,
+        body,
+        clients,
+        WINDOWS[("small", quick)],
+        load_run=load_run,
+        workers=workers,
+        variants=dict(real.parse_variant(v) for v in variants or []),
+        agree=agree,
+    )
 
 
 def bodies(new_tokens: int) -> dict[str, dict[str, Any]]:
@@ -306,6 +317,13 @@ def main(argv: list[str] | None = None) -> int:
         "--real", action="store_true", help="the real model (SmolLM2 GGUF) beside llama-server on the same file"
     )
     parser.add_argument(
+        "--real-env",
+        action="append",
+        default=[],
+        help="with --real, one more llmapi server: NAME:KEY=VALUE,... (e.g. int4:QUANTIZATION=int4)",
+    )
+    parser.add_argument("--no-agreement", action="store_true", help="with --real, skip agreement and load times")
+    parser.add_argument(
         "--quiet-wait", type=float, default=QUIET_WAIT_S[0], help="seconds to wait for a quiet machine per run"
     )
     parser.add_argument("--no-chat", action="store_true", help="skip the chat workloads")
@@ -325,7 +343,9 @@ def main(argv: list[str] | None = None) -> int:
         results["peers"] = peers(path, bodies(args.new_tokens), clients, quick=args.quick, new_tokens=args.new_tokens)
         return finish(results, args.out, report.render_peers(results))
     if args.real:
-        results["real"] = real_run(clients, quick=args.quick, new_tokens=args.new_tokens)
+        results["real"] = real_run(
+            clients, quick=args.quick, new_tokens=args.new_tokens, variants=args.real_env, agree=not args.no_agreement
+        )
         return finish(results, args.out, report.render_real(results))
     if args.sweep:
         results["sweep"] = sweep(models, bodies(args.new_tokens), quick=args.quick)

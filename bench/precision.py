@@ -1,4 +1,4 @@
-"""bf16 against fp32 (and int8) by model size, in one process: where DTYPE=auto's threshold comes from.
+"""bf16 against fp32 (and weight-only int8) by model size, in one process: where DTYPE=auto's threshold comes from.
 
 `python -m bench.precision [--threads 1]` builds random GPT-2s from 100K to 124M parameters (no tokenizer: the
 vocabulary is GPT-2's 50,257), times the forward-pass floor (prefill, then one forward pass per token with the KV
@@ -38,7 +38,7 @@ def floor(model: Any, batch: int, new_tokens: int) -> None:
 
 
 def variants(n_embd: int, n_layer: int, n_head: int, *, int8: bool, gelu: bool = False) -> dict[str, Any]:
-    """The same random model in fp32, bf16 and (if asked) dynamic int8; with `gelu`, each also with the fused GELU.
+    """The same random model in fp32, bf16 and (if asked) weight-only int8; with `gelu`, each also with the fused GELU.
 
     transformers builds GPT-2 with its Python NewGELUActivation; the service's loader swaps in torch's fused one
     (loader.fuse_tanh_gelu), so the unfused variants are what a plain transformers loop runs.
@@ -46,14 +46,16 @@ def variants(n_embd: int, n_layer: int, n_head: int, *, int8: bool, gelu: bool =
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from llmapi.engine.precision import quantize_int8
+    from llmapi.engine.quantize import quantize_weights
 
     torch.manual_seed(0)
     config = GPT2Config(n_embd=n_embd, n_layer=n_layer, n_head=n_head, vocab_size=50_257)
     fp32 = GPT2LMHeadModel(config).eval()
     models = {"float32": fp32, "bfloat16": copy.deepcopy(fp32).to(torch.bfloat16)}
     if int8:
-        models["int8"] = quantize_int8(copy.deepcopy(fp32))
+        models["int8"] = copy.deepcopy(fp32)
+        quantize_weights(models["int8"], "int8")
+        models["int8"].to(torch.bfloat16)
     if gelu:
         from llmapi.engine.loader import fuse_tanh_gelu
 
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--shapes", default=",".join(s[0] for s in SHAPES))
-    parser.add_argument("--int8", action="store_true", help="also torch's dynamic int8 (QUANTIZATION=int8)")
+    parser.add_argument("--int8", action="store_true", help="also weight-only int8 (QUANTIZATION=int8)")
     parser.add_argument("--gelu", action="store_true", help="also each with torch's fused GELU (as the loader does)")
     parser.add_argument("--batches", default="1,8")
     args = parser.parse_args(argv)

@@ -108,22 +108,29 @@ def run(
     *,
     load_run: Callable[..., dict[str, Any]],
     workers: int,
+    variants: dict[str, dict[str, str]] | None = None,
+    agree: bool = True,
 ) -> dict[str, Any]:
-    """llmapi's defaults and llama-server on the GGUF file `path`: agreement, then load at each client count."""
-    print("real: load times, first (converting) and cached ...", file=sys.stderr)
-    figures: dict[str, Any] = {"model": path, "load": load_times(path)}
+    """llama-server and llmapi on the GGUF file `path` (its defaults, then each of `variants`' environments): the
+    agreement with llama-server (unless `agree` is off), then load at each client count, each server alone."""
+    variants = {"defaults": {}, **(variants or {})}
+    figures: dict[str, Any] = {"model": path, "variants": variants}
+    if agree:
+        print("real: load times, first (converting) and cached ...", file=sys.stderr)
+        figures["load"] = load_times(path)
     threads = os.cpu_count() or 1
     print("real: llama-server on the GGUF as distributed ...", file=sys.stderr)
     theirs = peer.start_llama(Path(path), threads=threads, parallel=max(clients))
-    print("real: llmapi defaults on the same file ...", file=sys.stderr)
-    ours = start(path, {"GGUF_CACHE_DIR": str(GGUF_CACHE)}, timeout=120.0)
-    try:
-        figures["llmapi"] = {"health_s": ours.health_s, **warm(ours, body, workers)}
-        figures["agreement"] = agreement(path, ours.url, theirs.url)
-    finally:
-        ours.stop()
     llama_body = peer.llama_body(body["max_new_tokens"])
     try:
+        if agree:
+            print("real: llmapi defaults on the same file ...", file=sys.stderr)
+            ours = start(path, {"GGUF_CACHE_DIR": str(GGUF_CACHE)}, timeout=120.0)
+            try:
+                warm(ours, body, workers)
+                figures["agreement"] = agreement(path, ours.url, theirs.url)
+            finally:
+                ours.stop()
         post(theirs.url + "/v1/completions", llama_body)
         figures["llama"] = {"memory_after_load": theirs.memory(), "loads": {}}
         for n in clients:
@@ -131,17 +138,39 @@ def run(
             figures["llama"]["loads"][f"greedy/{n}"] = load_run(theirs, llama_body, n, window, path="/v1/completions")
     finally:
         theirs.stop()
-    ours = start(path, {"GGUF_CACHE_DIR": str(GGUF_CACHE)}, timeout=120.0)
+    figures["llmapi"] = {
+        name: serve(path, env, body, clients, window, load_run, workers) for name, env in variants.items()
+    }
+    return figures
+
+
+def serve(
+    path: str,
+    env: dict[str, str],
+    body: dict[str, Any],
+    clients: list[int],
+    window: tuple[float, float],
+    load_run: Callable[..., dict[str, Any]],
+    workers: int,
+) -> dict[str, Any]:
+    """llmapi on `path` with `env` over its defaults: memory after load, then load at each client count."""
+    ours = start(path, {"GGUF_CACHE_DIR": str(GGUF_CACHE), **env}, timeout=180.0)
     try:
-        warm(ours, body, workers)
-        figures["llmapi"]["memory_after_load"] = ours.memory()
-        figures["llmapi"]["loads"] = {}
+        figures: dict[str, Any] = {"health_s": ours.health_s, **warm(ours, body, workers)}
+        figures["memory_after_load"] = ours.memory()
+        figures["loads"] = {}
         for n in clients:
-            print(f"  llmapi, {n} clients", file=sys.stderr)
-            figures["llmapi"]["loads"][f"greedy/{n}"] = load_run(ours, body, n, window)
+            print(f"  llmapi {env or 'defaults'}, {n} clients", file=sys.stderr)
+            figures["loads"][f"greedy/{n}"] = load_run(ours, body, n, window)
     finally:
         ours.stop()
     return figures
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, str]]:
+    """`name:KEY=VALUE,KEY=VALUE` (the command line's --real-env) as (name, environment)."""
+    name, _, assignments = text.partition(":")
+    return name, dict(item.split("=", 1) for item in assignments.split(",") if item)
 
 
 LOAD_SCRIPT = """

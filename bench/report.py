@@ -372,15 +372,10 @@ def render_real(results: dict[str, Any]) -> str:
     """The real model beside llama-server on the same GGUF file: agreement, then load."""
     r = results["real"]
     m = results["machine"]
-    agree = r["agreement"]
-    rows = [
-        [a["prompt"].replace("\n", " ")[:40], a["common"], a["of"], parting(a.get("parting", {}).get("llmapi")),
-         parting(a.get("parting", {}).get("llama"))]
-        for a in agree["prompts"]
-    ]  # fmt: skip
     llama = r["llama"]["loads"]
     load_rows = []
-    for name, f in (("llmapi defaults", r["llmapi"]), ("llama-server", r["llama"])):
+    servers = [(f"llmapi {name}", f) for name, f in r["llmapi"].items()] + [("llama-server", r["llama"])]
+    for name, f in servers:
         for load, x in f["loads"].items():
             theirs = llama.get(load, {}).get("tokens_per_s")
             load_rows.append(
@@ -392,9 +387,18 @@ def render_real(results: dict[str, Any]) -> str:
         f" {m['cpus']} CPUs, commit {m['commit']}"
     )
     header = ["server", "clients", "new tok/s", "p50 ms", "p99 ms", "errors", "x llama", "other procs", "PSS MiB"]
-    load = ", ".join(f"{name} {f['seconds']:.1f} s" for name, f in r["load"].items())
-    load = f"Load in a fresh process ({r['load']['first']['dtype']}): {load}"
-    return "\n\n".join(
-        [head, load, f"Greedy agreement, {agree['tokens']} tokens a prompt (common prefix, in tokens):",
-         table(PARTING_HEADER, rows), "Through HTTP, closed-loop clients:", table(header, load_rows)]
-    )  # fmt: skip
+    envs = "; ".join(f"{name}: {env or 'the defaults'}" for name, env in r.get("variants", {}).items())
+    parts = [head, f"llmapi servers: {envs}"]
+    if "load" in r:
+        load = ", ".join(f"{name} {f['seconds']:.1f} s" for name, f in r["load"].items())
+        parts.append(f"Load in a fresh process ({r['load']['first']['dtype']}): {load}")
+    if "agreement" in r:
+        agree = r["agreement"]
+        rows = [
+            [a["prompt"].replace("\n", " ")[:40], a["common"], a["of"], parting(a.get("parting", {}).get("llmapi")),
+             parting(a.get("parting", {}).get("llama"))]
+            for a in agree["prompts"]
+        ]  # fmt: skip
+        parts += [f"Greedy agreement, {agree['tokens']} tokens a prompt (common prefix, in tokens):",
+                  table(PARTING_HEADER, rows)]  # fmt: skip
+    return "\n\n".join([*parts, "Through HTTP, closed-loop clients:", table(header, load_rows)])

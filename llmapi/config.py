@@ -18,7 +18,7 @@ DEFAULT_MODEL = "sshleifer/tiny-gpt2"
 DEFAULT_PREFIX_CACHE_MB = 512
 ENGINE_MODES = ("batch", "simple")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-QUANTIZATIONS = ("none", "int8")
+QUANTIZATIONS = ("none", "int4", "int8")
 # From this size up a CPU serves with one worker that gives all its cores to one forward pass of a larger batch: a
 # step is arithmetic there, which torch's threads share, and one copy of the weights halves memory. Below it a step
 # is Python overhead (the 100K-parameter tiny model), which only a second process (a second GIL) runs in parallel.
@@ -120,7 +120,7 @@ class Settings:
         "WEB_CONCURRENCY",
         0,
         doc="gunicorn worker processes, each with its own model; 0 = 1 on a GPU or for a model of 3M parameters"
-        " or more on a CPU (int8 aside), else 2",
+        " or more on a CPU, else 2",
     )
     prefix_cache_mb: int = env(
         "PREFIX_CACHE_MB",
@@ -162,7 +162,12 @@ class Settings:
         "DTYPE", "auto", doc="auto, float32, bfloat16 or float16; auto = bf16 where it is native and pays, else fp32"
     )
     device: str = env("DEVICE", "auto", doc="auto (cuda when a GPU is there, else cpu), cpu, cuda or cuda:N")
-    quantization: str = env("QUANTIZATION", "none", doc="none, or int8: int8 weights, fp32 activations (CPU only)")
+    quantization: str = env(
+        "QUANTIZATION",
+        "none",
+        doc="none; int4: 4-bit weights in groups of 32 (a GGUF Q4_1 file's own), or int8: int8 weights per channel;"
+        " both weight-only, activations in bf16, CPU only",
+    )
     gguf_cache_dir: str = env(
         "GGUF_CACHE_DIR",
         "",
@@ -274,13 +279,16 @@ class Settings:
                 f"WEB_CONCURRENCY must be at least 1 (0 = chosen for the model and device), got {self.web_concurrency}"
             )
         if self.quantization not in QUANTIZATIONS:
-            raise ConfigError(f"QUANTIZATION must be none or int8, got {self.quantization!r}")
-        if self.quantization == "int8" and self.dtype not in ("auto", "float32"):
+            raise ConfigError(f"QUANTIZATION must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
+        if self.quantization != "none" and self.dtype not in ("auto", "bfloat16"):
             raise ConfigError(
-                f"QUANTIZATION=int8 computes in float32 (int8 weights): DTYPE={self.dtype} cannot go with it"
+                f"QUANTIZATION={self.quantization} computes in bfloat16 (weight-only): DTYPE={self.dtype} cannot go"
+                " with it (leave DTYPE auto)"
             )
-        if self.quantization == "int8" and self.device.startswith("cuda"):
-            raise ConfigError("QUANTIZATION=int8 is torch's CPU dynamic quantization: it does not run with DEVICE=cuda")
+        if self.quantization != "none" and self.device.startswith("cuda"):
+            raise ConfigError(
+                f"QUANTIZATION={self.quantization} runs torch's CPU kernels: it does not run with DEVICE=cuda"
+            )
 
     def _check_prefill(self) -> None:
         """Refuse prefix-cache and chunking settings the engine cannot use."""
@@ -325,8 +333,6 @@ def _auto_workers(settings: Settings, *, on_gpu: bool) -> int:
     """gunicorn worker processes when WEB_CONCURRENCY is 0: one on a GPU or for a model of real size, else 2."""
     if on_gpu:  # one copy of the model on the GPU
         return 1
-    if settings.quantization == "int8":  # fbgemm's dynamic int8 layers keep a second thread mostly idle: 1.2 cores
-        return 2
     count = checkpoint.parameters(settings.model_name, settings.model_revision or None)
     return 1 if count is not None and count >= ONE_WORKER_MIN_PARAMETERS else 2
 

@@ -151,7 +151,7 @@ def test_checkpoint_of_a_hub_id_is_read_from_the_local_cache_only(tmp_path, monk
     [
         ((3000, 1000), {}, 1, 32),  # 3M parameters: one worker with every core, a batch of 32
         ((2999, 1000), {}, 2, 8),  # under the threshold: Python overhead, two workers of 8
-        ((3000, 1000), {"QUANTIZATION": "int8"}, 2, 8),  # int8's layers use one thread: two workers
+        ((3000, 1000), {"QUANTIZATION": "int4"}, 1, 32),  # weight-only kernels use every thread: one worker
         ((3000, 1000), {"WEB_CONCURRENCY": "3"}, 3, 8),
         ((3000, 1000), {"MAX_BATCH_SIZE": "12"}, 1, 12),
     ],

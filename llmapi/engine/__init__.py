@@ -49,7 +49,7 @@ def start_engine(config: EngineConfig):  # -> llmapi.engine.engine.Engine, or th
         quantization=config.quantization,
         gguf_cache_dir=config.gguf_cache_dir,
     )
-    gc.collect()  # the fp32 copies that bf16 or int8 replaced, before their pages go back
+    gc.collect()  # the fp32 copies that bf16 or int4/int8 replaced, before their pages go back
     release_freed_memory()
     if config.engine_mode == "simple":
         from llmapi.engine.simple import SimpleEngine

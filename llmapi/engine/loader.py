@@ -89,8 +89,10 @@ def gguf_folder(path: str, *, device: str, dtype: str, quantization: str, cache_
     # DTYPE=auto needs only a parameter count, and the file's size bounds it from below.
     parameters = checkpoint.parameters(path) or 0
     placement = place(device, dtype, config=None, parameters=parameters, quantization=quantization)
+    # A quantized mode reads fp32 weights: those a Q4_1 block dequantizes to give its own 4-bit values back.
+    folder_dtype = "float32" if quantization != "none" else placement.dtype
     started = time.perf_counter()
-    folder, converted = gguf.ensure_converted(path, dtype=placement.dtype, root=cache_dir)
+    folder, converted = gguf.ensure_converted(path, dtype=folder_dtype, root=cache_dir)
     done = "converted" if converted else "found the conversion of"
     log.info("pid=%d %s %s: %s (%.1fs)", os.getpid(), done, path, folder, time.perf_counter() - started)
     return str(folder), placement
@@ -110,7 +112,8 @@ def load(
     from transformers.utils import logging as hf_logging
 
     from llmapi.engine.from_gguf import is_gguf
-    from llmapi.engine.precision import count_parameters, place, quantize_int8
+    from llmapi.engine.precision import count_parameters, own_tensors, place
+    from llmapi.engine.quantize import quantize_weights
 
     # Progress bars and length warnings go to the server log for every load; our own log says enough.
     hf_logging.set_verbosity_error()
@@ -121,27 +124,32 @@ def load(
         source, gguf_placement = gguf_folder(
             name, device=device, dtype=dtype, quantization=quantization, cache_dir=gguf_cache_dir
         )
-        # The folder's own dtype: the choice made from the file's size stands, and so does its reason.
+        # The choice made from the file's size stands, and so does its reason.
         dtype = gguf_placement.dtype
-        reason = f"{gguf_placement.reason}; the GGUF file converted to {dtype} once"
+        reason = f"{gguf_placement.reason}; the GGUF file converted once"
     options = {"revision": revision or None}
     if os.path.isdir(source):
         options["local_files_only"] = True
     tokenizer = AutoTokenizer.from_pretrained(source, **options)
     config = AutoConfig.from_pretrained(source, **options)
     parameters = count_parameters(config)
-    # Chosen before loading, so that the weights are read straight into the dtype: never an fp32 copy first.
+    # Chosen before loading, so that the weights are read straight into the dtype: never an fp32 copy first
+    # (a quantized mode reads fp32, its weights' best source, and keeps only the packed ones).
     placement = place(device, dtype, config=config, parameters=parameters, quantization=quantization)
+    load_dtype = torch.float32 if quantization != "none" else placement.torch_dtype
     log.info(
         "pid=%d placing %s (%s parameters) on %s in %s: %s",
         os.getpid(), name, f"{parameters:,}", placement.device, placement.dtype, placement.reason,
     )  # fmt: skip
-    model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=placement.torch_dtype, **options)
+    model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=load_dtype, **options)
     model.to(placement.device)
     model.eval()
     fuse_tanh_gelu(model)
-    if quantization == "int8":
-        model = quantize_int8(model)
+    if quantization != "none":
+        swapped = quantize_weights(model, quantization, dtype=placement.torch_dtype)
+        model.to(placement.torch_dtype)  # the rest (embedding, norms, head) computes in bf16 beside them
+        own_tensors(model)
+        log.info("pid=%d %s: %d linear layers quantized", os.getpid(), quantization, swapped)
     eos_ids = _eos_ids(model, tokenizer)
     # GPT-2 and many others ship no pad token; padded positions are masked, so any id will do.
     if tokenizer.pad_token_id is None:
@@ -157,6 +165,6 @@ def load(
         context_length=_context_length(model, tokenizer),
         load_seconds=time.perf_counter() - started,
         device=placement.device,
-        dtype="int8" if quantization == "int8" else placement.dtype,
+        dtype=quantization if quantization != "none" else placement.dtype,
         placement_reason=reason or placement.reason,
     )

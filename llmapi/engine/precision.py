@@ -11,7 +11,6 @@ whatever the model computes in (see batching.Engine._choose).
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +21,10 @@ from llmapi.cpus import native_bf16
 # 0.82 / 1.05 on 1.7M, 1.00 / 2.05 on 3.4M, 1.63 / 1.55 on 16M, 1.06 / 2.38 on 124M.
 BF16_MIN_PARAMETERS = 3_000_000
 HALF_DTYPES = ("bfloat16", "float16")
+QUANTIZED = {  # QUANTIZATION's modes (engine/quantize.py): what each computes in
+    "int4": "4-bit weights in groups of 32 (torch's int4pack kernel), activations in bfloat16",
+    "int8": "int8 weights, one scale per output channel (torch's int8pack kernel), activations in bfloat16",
+}
 
 
 class PlacementError(RuntimeError):
@@ -100,10 +103,10 @@ def place(
     cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
     device = resolve_device(requested_device, cuda_devices=cuda)
     on_gpu = device.startswith("cuda")
-    if quantization == "int8":
+    if quantization != "none":
         if on_gpu:
-            raise PlacementError("QUANTIZATION=int8 is torch's CPU dynamic quantization: set DEVICE=cpu")
-        return Placement(device, "float32", "QUANTIZATION=int8: int8 weights, activations computed in float32")
+            raise PlacementError(f"QUANTIZATION={quantization} runs torch's CPU kernels: set DEVICE=cpu")
+        return Placement(device, "bfloat16", f"QUANTIZATION={quantization}: {QUANTIZED[quantization]}")
     dtype, reason = choose_dtype(
         requested_dtype,
         device=device,
@@ -132,35 +135,8 @@ def count_parameters(config: Any) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def quantize_int8(model: Any) -> Any:
-    """Quantize every linear layer's weights to int8 with torch's dynamic quantization (activations stay fp32).
-
-    GPT-2's attention and MLP layers are transformers' Conv1D (a linear layer with its weight transposed), which
-    quantize_dynamic does not know: they are turned into nn.Linear first, else only lm_head would be caught.
-    """
-    import torch
-    from transformers.pytorch_utils import Conv1D
-
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, Conv1D):
-                linear = torch.nn.Linear(child.nx, child.nf, device=child.weight.device, dtype=child.weight.dtype)
-                linear.weight = torch.nn.Parameter(child.weight.detach().t().contiguous())
-                linear.bias = child.bias
-                setattr(module, name, linear)
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and module.bias is not None:
-            # The quantized layer keeps the very bias tensor it is given: an owned copy lets the mmap go.
-            module.bias = torch.nn.Parameter(module.bias.detach().clone())
-    with warnings.catch_warnings():  # torch 2.13 calls its quantized tensors deprecated (torchao succeeds them)
-        warnings.simplefilter("ignore", UserWarning)
-        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
-    own_tensors(model)
-    return model
-
-
 def own_tensors(model: Any) -> None:
-    """Copy the float tensors left after quantizing (embeddings, norms, biases) out of the checkpoint's mmap.
+    """Copy the float tensors left after quantizing (embeddings, norms) out of the checkpoint's mmap.
 
     transformers reads safetensors through mmap and the loaded tensors are views of it. Quantizing replaces most
     of them, but while one view (the embedding) lives the whole file stays mapped, and every page the load

@@ -37,7 +37,7 @@ def keep_freed_memory() -> bool:
 def release_freed_memory() -> bool:
     """Give the heap's free pages back to the kernel once (glibc malloc_trim); True if some were released.
 
-    Called once after the model loads: reading fp32 weights into bf16, or quantizing them to int8, frees the
+    Called once after the model loads: reading fp32 weights into bf16, or quantizing them to int4 or int8, frees the
     fp32 copies, and with the settings above glibc may keep small freed blocks resident for the worker's life.
     """
     try:

@@ -1,0 +1,121 @@
+"""Weight-only quantization on the CPU with torch's own kernels: int4 in groups of 32, int8 per output channel.
+
+A decode step of one row reads every weight once, so its floor is the weights' bytes over memory bandwidth: 4-bit
+weights are a quarter of bf16's. torch ships the kernels (`aten._weight_int4pack_mm_for_cpu`, gpt-fast's "tinygemm"
+layout, and `aten._weight_int8pack_mm`); the weights stay packed and the activations stay bf16, so nothing is
+dequantized to a float copy. torchao 0.18 (the release for torch 2.13) keeps its CPU int4 layout in `prototype`
+only, so these few lines call the same kernels directly (docs/performance.md, 4-bit weights).
+
+int4 is asymmetric in groups of 32 along each row: w = (q - 8) * scale + zero, q in 0..15, the layout of a GGUF
+Q4_1 block (w = d * q + m, so scale = d and zero = m + 8d). A weight dequantized from Q4_1 holds its block's min and
+max, so quantizing it again by min and max finds the very same 4-bit values: a Q4_1 GGUF is served with its own
+weights. The output head (tied to the token embedding in most small models) stays in the compute dtype: one
+per-channel int8 head turned SmolLM2's "Paris" into "L'Étoile" (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+INT4_GROUP = 32  # a GGUF Q4_0/Q4_1 block; the kernel takes 32 to 256
+INT4_ROWS = 16  # the int4pack layout packs output rows 16 at a time
+INT8_COLUMNS = 8  # the int8pack kernel reads 8 inputs at a time: other widths give wrong sums, or crash
+MODES = ("int4", "int8")
+
+
+def int4_qparams(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize `weight` [N, K] by min and max per group of `group` columns: (q int32 [N, K], scale, zero [N, K/g])."""
+    rows, columns = weight.shape
+    groups = weight.float().reshape(rows, columns // group, group)
+    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    scale = ((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny)
+    q = ((groups - low) / scale).round().clamp(0, 15).to(torch.int32).reshape(rows, columns)
+    return q, scale.squeeze(-1), (low + 8 * scale).squeeze(-1)
+
+
+class Int4Linear(torch.nn.Module):
+    """A linear layer whose weight is 4-bit in groups (torch's CPU int4pack layout), computed in bf16."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, group: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.group = group
+        q, scale, zero = int4_qparams(weight, group)
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+        # [K / group, N, 2]: each group's scale and zero, the kernel's layout
+        self.register_buffer("scales_zeros", torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(dtype))
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W.T (+ bias), W read 4 bits at a time."""
+        flat = x.reshape(-1, self.in_features).to(self.scales_zeros.dtype)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, self.scales_zeros)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight as the kernel sees it, [N, K] in fp32: the reference the tests compare against."""
+        eye = torch.eye(self.in_features, dtype=self.scales_zeros.dtype)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group, self.scales_zeros).t().float()
+
+
+class Int8Linear(torch.nn.Module):
+    """A linear layer whose weight is int8 with one scale per output channel, computed in bf16."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        scale = weight.float().abs().amax(-1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+        self.register_buffer("weight", (weight.float() / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scales", scale.to(dtype))
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W.T (+ bias), W read 8 bits at a time."""
+        flat = x.reshape(-1, self.in_features).to(self.scales.dtype)
+        y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight as the kernel sees it, [N, K] in fp32."""
+        return self.weight.float() * self.scales.float()[:, None]
+
+
+def linear_weight(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """A linear layer's weight as [out, in] and its bias: nn.Linear, or transformers' Conv1D (GPT-2), else None."""
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, torch.nn.Linear):
+        return module.weight.detach(), module.bias
+    if isinstance(module, Conv1D):
+        return module.weight.detach().t().contiguous(), module.bias
+    return None
+
+
+def quantize_weights(model: Any, mode: str, *, dtype: torch.dtype = torch.bfloat16, group: int = INT4_GROUP) -> int:
+    """Replace every linear layer but the output head by its `mode` (int4 or int8) twin, in place; return how many.
+
+    A layer the kernel cannot take stays as it is: for int4 an input width not a multiple of `group` or an output not
+    of 16, for int8 an input width not a multiple of 8. Read from fp32 weights: a weight
+    dequantized from a GGUF then comes back to its own 4-bit values.
+    """
+    head = model.get_output_embeddings()
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            found = None if child is head else linear_weight(child)
+            if found is None:
+                continue
+            weight, bias = found
+            if mode == "int4":
+                if weight.shape[1] % group or weight.shape[0] % INT4_ROWS:
+                    continue
+                setattr(parent, name, Int4Linear(weight, bias, group=group, dtype=dtype))
+            else:
+                if weight.shape[1] % INT8_COLUMNS:
+                    continue
+                setattr(parent, name, Int8Linear(weight, bias, dtype=dtype))
+            swapped += 1
+    return swapped

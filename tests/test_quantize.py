@@ -1,0 +1,154 @@
+"""Weight-only int4 and int8 (engine/quantize.py): each layer against its dequantized reference, a GGUF Q4_1 block's
+own 4-bit values recovered, every linear layer but the head swapped, and the real model still answering."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmapi.engine import GenerationRequest, create_engine
+from llmapi.engine.quantize import INT4_GROUP, Int4Linear, Int8Linear, int4_qparams, quantize_weights
+
+
+def reference_int4(weight: torch.Tensor, group: int) -> torch.Tensor:
+    """The weight rounded to 16 levels between each group's min and max, in fp32 (written apart from quantize.py)."""
+    rows, columns = weight.shape
+    groups = weight.reshape(rows, columns // group, group)
+    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    step = (high - low) / 15
+    return (torch.round((groups - low) / step) * step + low).reshape(rows, columns)
+
+
+@pytest.mark.parametrize(("rows", "columns", "group"), [(96, 128, 32), (64, 256, 64), (48, 512, 128)])
+def test_int4_layer_equals_its_dequantized_reference(rows, columns, group):
+    torch.manual_seed(0)
+    weight = torch.randn(rows, columns)
+    layer = Int4Linear(weight, None, group=group, dtype=torch.bfloat16)
+    reference = reference_int4(weight, group)
+    step = (weight.reshape(rows, -1, group).amax(-1) - weight.reshape(rows, -1, group).amin(-1)) / 15
+    # 4-bit rounding moves a weight by half a step at most; the kernel's weight is that, up to bf16's scale and zero
+    assert float((reference - weight).abs().max()) <= float(step.max()) / 2 + 1e-6
+    assert torch.allclose(layer.dequantized(), reference, atol=float(step.max()) * 0.1 + 0.02)
+    x = torch.randn(5, columns)
+    y = layer(x.to(torch.bfloat16)).float()
+    expected = x @ reference.t()
+    assert y.shape == (5, rows)
+    assert float((y - expected).abs().max()) < 0.02 * float(expected.abs().max())
+    assert layer.packed.dtype == torch.uint8 and layer.packed.numel() == rows * columns // 2  # 4 bits a weight
+
+
+def test_int4_finds_a_q4_1_blocks_own_values():
+    """A weight dequantized from GGUF Q4_1 (w = d * q + m per block of 32) quantizes back to the same q, d and m."""
+    torch.manual_seed(1)
+    rows, columns = 8, 128
+    q = torch.randint(0, 16, (rows, columns // INT4_GROUP, INT4_GROUP))
+    q[..., 0], q[..., 1] = 0, 15  # a Q4_1 block's min and max are among its own values
+    d = torch.rand(rows, columns // INT4_GROUP, 1).half().float() * 0.05 + 1e-3
+    m = torch.randn(rows, columns // INT4_GROUP, 1).half().float() * 0.1
+    weight = (d * q + m).reshape(rows, columns)
+    found, scale, zero = int4_qparams(weight, INT4_GROUP)
+    assert torch.equal(found, q.reshape(rows, columns).to(torch.int32))
+    assert torch.allclose(scale, d.squeeze(-1), rtol=1e-5) and torch.allclose(zero, (m + 8 * d).squeeze(-1), atol=1e-6)
+
+
+def test_int8_layer_equals_its_dequantized_reference():
+    torch.manual_seed(2)
+    weight, bias = torch.randn(48, 64), torch.randn(48)
+    layer = Int8Linear(weight, bias, dtype=torch.bfloat16)
+    scale = weight.abs().amax(-1, keepdim=True) / 127
+    reference = torch.round(weight / scale) * scale
+    assert layer.weight.dtype == torch.int8
+    assert torch.allclose(layer.dequantized(), reference, rtol=1e-2, atol=1e-4)
+    x = torch.randn(3, 64)
+    y = layer(x.to(torch.bfloat16)).float()
+    expected = x @ reference.t() + bias
+    assert float((y - expected).abs().max()) < 0.02 * float(expected.abs().max())
+
+
+def tiny_llama(path: Path, tokenizer_from: str) -> str:
+    """A random 2-layer Llama 64 wide (a width int4's groups divide) with the tiny model's tokenizer, at `path`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    for item in Path(tokenizer_from).iterdir():
+        if item.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(item, path)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(AutoTokenizer.from_pretrained(tokenizer_from)),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.3,
+        max_position_embeddings=512,
+    )
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def llama_path(tiny_model, tmp_path_factory) -> str:
+    """The tiny random Llama's folder."""
+    return tiny_llama(tmp_path_factory.mktemp("llama"), tiny_model)
+
+
+def test_quantize_swaps_every_linear_layer_but_the_head(llama_path):
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    model = AutoModelForCausalLM.from_pretrained(llama_path)
+    assert quantize_weights(model, "int4") == 7 * 2  # q, k, v, o, gate, up, down in each of 2 layers
+    assert type(model.get_output_embeddings()) is torch.nn.Linear
+    assert not any(type(m) is torch.nn.Linear for m in model.model.modules())
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=1, n_head=2, vocab_size=100))
+    assert quantize_weights(gpt2, "int8") == 4  # transformers' Conv1D: c_attn, c_proj, c_fc, mlp.c_proj
+    narrow = GPT2LMHeadModel(GPT2Config(n_embd=48, n_layer=1, n_head=2, vocab_size=100))
+    assert quantize_weights(narrow, "int4") == 1  # 48 wide: only the MLP's 192-wide c_proj divides into 32s
+    odd = GPT2LMHeadModel(GPT2Config(n_embd=12, n_layer=1, n_head=2, vocab_size=100))
+    assert quantize_weights(odd, "int8") == 1  # 12 inputs: wrong sums in the kernel; 48 (the MLP's c_proj): fine
+
+
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+def test_quantized_model_equals_its_dequantized_twin_and_serves(llama_path, mode):
+    """The whole quantized model against fp32 with the very weights its kernels read: only bf16 activations differ."""
+    from transformers import AutoModelForCausalLM
+
+    from llmapi.engine.loader import load
+
+    quantized = load(llama_path, quantization=mode)
+    assert quantized.dtype == mode and quantized.model.dtype == torch.bfloat16
+    twin = AutoModelForCausalLM.from_pretrained(llama_path, dtype=torch.float32).eval()
+    layers = dict(quantized.model.named_modules())
+    for name, module in twin.named_modules():
+        if isinstance(layers.get(name), (Int4Linear, Int8Linear)):
+            module.weight.data = layers[name].dequantized()
+    ids = torch.tensor([quantized.tokenizer.encode("tokens prompts and completions " * 4)])
+    with torch.inference_mode():
+        a, b = twin(input_ids=ids).logits[0], quantized.model(input_ids=ids).logits[0].float()
+    assert float((a - b).abs().max()) < 0.05 * float(a.abs().max())
+    assert float((a.argmax(-1) == b.argmax(-1)).float().mean()) >= 0.9
+    engine = create_engine(llama_path, torch_threads=1, quantization=mode)
+    try:
+        assert engine.placement == {"device": "cpu", "dtype": mode}
+        done = engine.generate(GenerationRequest(prompt="Hello", max_new_tokens=6, min_new_tokens=6))
+        assert done.completion_tokens == 6
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+def test_real_model_quantized_still_answers(real_model, mode):
+    """Where torch's dynamic int8 answered "La femme de France…", weight-only int4 and int8 say Paris."""
+    from tests.conftest import GGUF_CACHE
+
+    engine = create_engine(real_model, quantization=mode, gguf_cache_dir=str(GGUF_CACHE), torch_threads=2)
+    try:
+        assert engine.placement["dtype"] == mode
+        prompt = engine.render_chat([{"role": "user", "content": "What is the capital of France?"}])
+        done = engine.generate(GenerationRequest(prompt=prompt, max_new_tokens=12))
+        assert "Paris" in done.text
+    finally:
+        engine.close()
