@@ -18,7 +18,7 @@ DEFAULT_MODEL = "sshleifer/tiny-gpt2"
 DEFAULT_PREFIX_CACHE_MB = 512
 ENGINE_MODES = ("batch", "simple")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-QUANTIZATIONS = ("none", "int4", "int8")
+QUANTIZATIONS = ("auto", "none", "int4", "int8")
 # From this size up a CPU serves with one worker that gives all its cores to one forward pass of a larger batch: a
 # step is arithmetic there, which torch's threads share, and one copy of the weights halves memory. Below it a step
 # is Python overhead (the 100K-parameter tiny model), which only a second process (a second GIL) runs in parallel.
@@ -166,7 +166,8 @@ class Settings:
         "QUANTIZATION",
         "none",
         doc="none; int4: 4-bit weights in groups of 32 (a GGUF Q4_1 file's own), or int8: int8 weights per channel;"
-        " both weight-only, activations in bf16, CPU only",
+        " both weight-only, activations in bf16, CPU only; auto = int4 for a GGUF file of 4-bit (or fewer) weights"
+        " on a CPU, else none",
     )
     gguf_cache_dir: str = env(
         "GGUF_CACHE_DIR",
@@ -211,6 +212,7 @@ class Settings:
             # A container's CPU limit counts, not the host's cores.
             torch_threads=self.torch_threads or max(1, available_cpus() // workers),
             gguf_cache_dir=self.gguf_cache_dir or str(Path.home() / ".cache" / "llmapi" / "gguf"),
+            quantization=_auto_quantization(self, on_gpu=on_gpu),
         )
 
     @property
@@ -280,12 +282,12 @@ class Settings:
             )
         if self.quantization not in QUANTIZATIONS:
             raise ConfigError(f"QUANTIZATION must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
-        if self.quantization != "none" and self.dtype not in ("auto", "bfloat16"):
+        if self.quantization not in ("auto", "none") and self.dtype not in ("auto", "bfloat16"):
             raise ConfigError(
                 f"QUANTIZATION={self.quantization} computes in bfloat16 (weight-only): DTYPE={self.dtype} cannot go"
                 " with it (leave DTYPE auto)"
             )
-        if self.quantization != "none" and self.device.startswith("cuda"):
+        if self.quantization not in ("auto", "none") and self.device.startswith("cuda"):
             raise ConfigError(
                 f"QUANTIZATION={self.quantization} runs torch's CPU kernels: it does not run with DEVICE=cuda"
             )
@@ -335,6 +337,13 @@ def _auto_workers(settings: Settings, *, on_gpu: bool) -> int:
         return 1
     count = checkpoint.parameters(settings.model_name, settings.model_revision or None)
     return 1 if count is not None and count >= ONE_WORKER_MIN_PARAMETERS else 2
+
+
+def _auto_quantization(settings: Settings, *, on_gpu: bool) -> str:
+    """QUANTIZATION with auto resolved (checkpoint.quantization_for)."""
+    if settings.quantization != "auto":
+        return settings.quantization
+    return checkpoint.quantization_for(settings.model_name, on_gpu=on_gpu, dtype=settings.dtype)
 
 
 def documented() -> list[tuple[str, Any, str]]:

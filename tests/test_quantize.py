@@ -152,3 +152,60 @@ def test_real_model_quantized_still_answers(real_model, mode):
         assert "Paris" in done.text
     finally:
         engine.close()
+
+
+def write_gguf_header(path: Path, file_type: int | None) -> str:
+    """A GGUF file holding only a header: an architecture, a string array, then `general.file_type` (if given)."""
+    import struct
+
+    def string(text: str) -> bytes:
+        return struct.pack("<Q", len(text)) + text.encode()
+
+    entries = [string("general.architecture") + struct.pack("<I", 8) + string("llama")]
+    words = ["a", "bb", "ccc"]
+    entries.append(
+        string("tokenizer.ggml.tokens") + struct.pack("<IIQ", 9, 8, len(words)) + b"".join(map(string, words))
+    )
+    entries.append(string("llama.rope.freq_base") + struct.pack("<If", 6, 10000.0))
+    if file_type is not None:
+        entries.append(string("general.file_type") + struct.pack("<II", 4, file_type))
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, len(entries)) + b"".join(entries))
+    return str(path)
+
+
+@pytest.mark.parametrize(("file_type", "expected"), [(3, 3), (2, 2), (7, 7), (None, None)])
+def test_gguf_file_type_is_read_from_the_header(tmp_path, file_type, expected):
+    from llmapi import checkpoint
+
+    assert checkpoint.gguf_file_type(write_gguf_header(tmp_path / "m.gguf", file_type)) == expected
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF\x03")  # cut short: unreadable, not an error
+    assert checkpoint.gguf_file_type(str(tmp_path / "bad.gguf")) is None
+
+
+@pytest.mark.parametrize(
+    ("file_type", "env", "expected"),
+    [
+        (3, {}, "int4"),  # Q4_1: its own 4-bit values
+        (15, {}, "int4"),  # Q4_K_M
+        (7, {}, "none"),  # Q8_0: int8 per channel would lose what its blocks of 32 keep
+        (1, {}, "none"),  # F16
+        (3, {"DTYPE": "float32"}, "none"),  # the operator asked for fp32
+        (3, {"DEVICE": "cuda"}, "none"),  # the int4pack kernel here is the CPU's
+        (3, {"QUANTIZATION": "int8"}, "int8"),  # said outright: kept
+    ],
+)
+def test_auto_quantization_serves_a_4_bit_gguf_in_int4(tmp_path, monkeypatch, file_type, env, expected):
+    from llmapi.config import Settings
+
+    monkeypatch.setattr("llmapi.config.nvidia_gpu_visible", lambda: False)
+    model = write_gguf_header(tmp_path / "m.gguf", file_type)
+    settings = Settings.from_env({"API_KEY": "k", "MODEL_NAME": model, "QUANTIZATION": "auto", **env})
+    assert settings.quantization == expected
+
+
+def test_auto_quantization_leaves_other_models_alone(tiny_model, real_model):
+    from llmapi.config import Settings
+
+    assert Settings.from_env({"API_KEY": "k", "MODEL_NAME": tiny_model, "QUANTIZATION": "auto"}).quantization == "none"
+    real = Settings.from_env({"API_KEY": "k", "MODEL_NAME": real_model, "QUANTIZATION": "auto"})
+    assert real.quantization == "int4"  # SmolLM2's file is Q4_1 (general.file_type 3)

@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     where.add_argument("--out", help="a folder to write (replaced if it exists); the image's build stage uses this")
     parser.add_argument("--dtype", default="auto", help="auto (as the server chooses), float32, bfloat16, float16")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (--cache only)")
-    parser.add_argument("--quantization", default="none", help="none, int4 or int8 (--cache only)")
+    parser.add_argument("--quantization", default="none", help="auto, none, int4 or int8 (--cache only)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.cache:

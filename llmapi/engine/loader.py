@@ -78,6 +78,16 @@ def fuse_tanh_gelu(model: Any) -> int:
     return swapped
 
 
+def resolve_quantization(quantization: str, name: str, *, device: str, dtype: str) -> str:
+    """QUANTIZATION with auto made concrete (checkpoint.quantization_for); the service does it at start, in config."""
+    if quantization != "auto":
+        return quantization
+    from llmapi.checkpoint import quantization_for
+
+    on_gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    return quantization_for(name, on_gpu=on_gpu, dtype=dtype)
+
+
 def gguf_folder(path: str, *, device: str, dtype: str, quantization: str, cache_dir: str) -> tuple[str, Placement]:
     """Convert the GGUF file `path` once (engine/from_gguf.py) for the placement it will run in; return its folder."""
     from llmapi import checkpoint
@@ -85,6 +95,7 @@ def gguf_folder(path: str, *, device: str, dtype: str, quantization: str, cache_
     from llmapi.engine.precision import place
 
     gguf.check_file(path)
+    quantization = resolve_quantization(quantization, path, device=device, dtype=dtype)
     # The dtype names the cache folder, so it is chosen before the file is read (its header takes seconds):
     # DTYPE=auto needs only a parameter count, and the file's size bounds it from below.
     parameters = checkpoint.parameters(path) or 0
@@ -119,6 +130,7 @@ def load(
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     started = time.perf_counter()
+    quantization = resolve_quantization(quantization, name, device=device, dtype=dtype)
     source, reason = name, ""
     if is_gguf(name):
         source, gguf_placement = gguf_folder(
