@@ -1,6 +1,7 @@
 """After a forward pass, in named steps: keep the logits that log-probabilities need, mask each grammar's row, choose
 the next tokens, score them, hand each row its token (stream what is safe, finish what ended), and let finished
-rows leave their lane at once."""
+rows leave their lane at once. After a pass that verified drafts (speculation.py), the same steps run position by
+position for each row, while its tokens equal its draft."""
 
 from __future__ import annotations
 
