@@ -19,6 +19,8 @@ DEFAULT_PREFIX_CACHE_MB = 512
 ENGINE_MODES = ("batch", "simple")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("auto", "none", "int4", "int8")
+SPECULATION_MODES = ("off", "ngram", "auto")  # llmapi/engine/speculation.py
+MAX_SPECULATIVE_TOKENS = 32
 # From this size up a CPU serves with one worker that gives all its cores to one forward pass of a larger batch: a
 # step is arithmetic there, which torch's threads share, and one copy of the weights halves memory. Below it a step
 # is Python overhead (the 100K-parameter tiny model), which only a second process (a second GIL) runs in parallel.
@@ -134,6 +136,18 @@ class Settings:
         "PREFILL_CHUNK_TOKENS",
         64,
         doc="a longer prompt is read this many tokens per step, between the running rows' steps; 0 = at once",
+    )
+    speculation: str = env(
+        "SPECULATION",
+        "off",
+        doc="off, ngram (draft tokens looked up in the row's own text, verified in one pass) or auto (ngram, and a"
+        " row whose drafts keep missing rests)",
+    )
+    speculative_tokens: int = env("SPECULATIVE_TOKENS", 4, doc="most draft tokens a row proposes per step")
+    speculation_ngram_max: int = env("SPECULATION_NGRAM_MAX", 3, doc="longest n-gram of a row's last tokens looked up")
+    speculation_ngram_min: int = env("SPECULATION_NGRAM_MIN", 1, doc="shortest n-gram looked up")
+    speculation_max_rows: int = env(
+        "SPECULATION_MAX_ROWS", 1, doc="only lanes of at most this many rows speculate (more take plain steps)"
     )
     threads: int = env("GUNICORN_THREADS", 64, doc="gunicorn threads per worker (concurrent requests)")
     bind: str = env("BIND", "0.0.0.0:8000", doc="address gunicorn listens on")
@@ -264,6 +278,7 @@ class Settings:
             raise ConfigError("TORCH_THREADS, MAX_BATCH_SIZE, BATCH_WAIT_MS, MODEL_RETRY_SECONDS must not be negative")
         self._check_model()
         self._check_prefill()
+        self._check_speculation()
         if self.engine_mode not in ENGINE_MODES:
             raise ConfigError(f"ENGINE_MODE must be batch or simple, got {self.engine_mode!r}")
         if self.log_level.lower() not in {"debug", "info", "warning", "error", "critical"}:
@@ -306,6 +321,22 @@ class Settings:
             raise ConfigError(
                 f"PREFILL_CHUNK_TOKENS must not be negative (0 reads a prompt at once), got {self.prefill_chunk_tokens}"
             )
+
+    def _check_speculation(self) -> None:
+        """Refuse a speculation mode or size the engine cannot use."""
+        if self.speculation not in SPECULATION_MODES:
+            raise ConfigError(f"SPECULATION must be one of {', '.join(SPECULATION_MODES)}, got {self.speculation!r}")
+        if not 1 <= self.speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+            raise ConfigError(
+                f"SPECULATIVE_TOKENS must be between 1 and {MAX_SPECULATIVE_TOKENS}, got {self.speculative_tokens}"
+            )
+        if not 1 <= self.speculation_ngram_min <= self.speculation_ngram_max:
+            raise ConfigError(
+                "SPECULATION_NGRAM_MIN must be at least 1 and at most SPECULATION_NGRAM_MAX"
+                f" ({self.speculation_ngram_max}), got {self.speculation_ngram_min}"
+            )
+        if self.speculation_max_rows < 1:
+            raise ConfigError(f"SPECULATION_MAX_ROWS must be at least 1, got {self.speculation_max_rows}")
 
     def _check_operations(self) -> None:
         """Refuse operations settings that would break the promises made in docs/operations.md."""

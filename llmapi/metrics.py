@@ -112,6 +112,14 @@ class Metrics:
         self.cache_misses = Counter("prefix_cache_miss_tokens", "prompt tokens the prefix cache did not hold", **reg)
         self.cache_bytes = Gauge("prefix_cache_bytes", "memory the prefix caches hold", **live)
         self.cache_capacity = Gauge("prefix_cache_capacity_bytes", "memory the prefix caches may hold", **live)
+        self.draft_proposed = Counter(
+            "speculative_proposed_tokens", "draft tokens verified by speculation (SPECULATION)", **reg
+        )
+        self.draft_accepted = Counter(
+            "speculative_accepted_tokens",
+            "draft tokens accepted: new tokens that took no forward pass of their own",
+            **reg,
+        )
         self._engine_seen = EngineStats()
 
     def init_app(self, app: Flask) -> None:
@@ -167,6 +175,10 @@ class Metrics:
             self.cache_hits.inc(stats.prefix_hit_tokens - seen.prefix_hit_tokens)
         if stats.prefix_miss_tokens > seen.prefix_miss_tokens:
             self.cache_misses.inc(stats.prefix_miss_tokens - seen.prefix_miss_tokens)
+        if stats.speculative_proposed_tokens > seen.speculative_proposed_tokens:
+            self.draft_proposed.inc(stats.speculative_proposed_tokens - seen.speculative_proposed_tokens)
+        if stats.speculative_accepted_tokens > seen.speculative_accepted_tokens:
+            self.draft_accepted.inc(stats.speculative_accepted_tokens - seen.speculative_accepted_tokens)
 
     def observe_load(self, seconds: float | None, *, placement: dict[str, str] | None = None) -> None:
         """Record a model load: its duration (None when it failed) and the dtype and device it chose."""

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from llmapi import create_app
 from llmapi.config import DEFAULT_MODEL, ConfigError, Settings, documented
+from llmapi.engine.config import EngineConfig
 
 
 def test_settings_defaults_from_a_minimal_environment():
@@ -52,6 +54,12 @@ def test_create_app_without_a_key_refuses(monkeypatch):
         ({"PREFIX_CACHE_MB": "1.5"}, "PREFIX_CACHE_MB"),
         ({"PREFIX_CACHE_BLOCK_TOKENS": "0"}, "PREFIX_CACHE_BLOCK_TOKENS"),
         ({"PREFILL_CHUNK_TOKENS": "-8"}, "PREFILL_CHUNK_TOKENS"),
+        ({"SPECULATION": "eagle"}, "SPECULATION"),
+        ({"SPECULATIVE_TOKENS": "0"}, "SPECULATIVE_TOKENS"),
+        ({"SPECULATIVE_TOKENS": "33"}, "SPECULATIVE_TOKENS"),
+        ({"SPECULATION_NGRAM_MIN": "0"}, "SPECULATION_NGRAM_MIN"),
+        ({"SPECULATION_NGRAM_MAX": "2", "SPECULATION_NGRAM_MIN": "3"}, "SPECULATION_NGRAM_MIN"),
+        ({"SPECULATION_MAX_ROWS": "0"}, "SPECULATION_MAX_ROWS"),
     ],
 )
 def test_settings_bad_values_name_the_variable(env, names):
@@ -69,6 +77,18 @@ def test_torch_threads_divide_the_cores(monkeypatch):
 def test_every_setting_is_documented():
     for name, _default, doc in documented():
         assert name.isupper() and doc
+
+
+def test_the_readme_configuration_table_lists_every_setting():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert [name for name, _, _ in documented() if f"| `{name}` |" not in readme] == []
+
+
+def test_speculation_settings_reach_the_engine_config():
+    settings = Settings.from_env({"API_KEY": "k", "SPECULATION": "auto", "SPECULATIVE_TOKENS": "8"})
+    config = EngineConfig.from_settings(settings)
+    assert (config.speculation, config.speculative_tokens, config.speculation_max_rows) == ("auto", 8, 1)
+    assert Settings.from_env({"API_KEY": "k"}).speculation == "off"
 
 
 @pytest.mark.parametrize(

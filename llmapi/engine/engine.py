@@ -28,6 +28,7 @@ from llmapi.engine.prefill import Prefill
 from llmapi.engine.prefix_cache import PrefixCache
 from llmapi.engine.scheduler import Scheduler
 from llmapi.engine.sequence import Row
+from llmapi.engine.speculation import Speculator
 from llmapi.engine.stats import TokenRate, model_facts
 from llmapi.engine.step import DecodeStep
 from llmapi.engine.text import IncrementalDecoder
@@ -49,6 +50,13 @@ class Engine(Tokenizer):
             config, self.prefix_cache, model_name=self.model_name, pad_id=loaded.pad_id, device=device
         )
         self.step = DecodeStep(loaded.model)
+        self.speculator = Speculator(
+            config.speculation,
+            tokens=config.speculative_tokens,
+            ngram_max=config.speculation_ngram_max,
+            ngram_min=config.speculation_ngram_min,
+            max_rows=config.speculation_max_rows,
+        )
         self._rate = TokenRate()
         self.postprocess = Postprocess(
             model_name=self.model_name,
@@ -115,6 +123,8 @@ class Engine(Tokenizer):
             prefix_cache_capacity_bytes=cache.capacity_bytes,
             prefix_hit_tokens=cache.hit_tokens,
             prefix_miss_tokens=cache.miss_tokens,
+            speculative_proposed_tokens=self.speculator.proposed,
+            speculative_accepted_tokens=self.speculator.accepted,
         )
 
     def close(self) -> None:
@@ -193,12 +203,19 @@ class Engine(Tokenizer):
         place(lane, self.scheduler.lanes)
 
     def _step(self, lane: Lane) -> None:
-        """Drop the lane's rows that ended early, run its forward pass, choose each row's next token."""
+        """Drop the lane's rows that ended early, run its forward pass, choose each row's next token (or tokens: a
+        pass that verifies drafts, when the speculator has some for this lane)."""
         if len(self.scheduler.end_stopped(lane.rows, time.monotonic())) < len(lane.rows):
             lane.keep([i for i, row in enumerate(lane.rows) if row.finish_reason is None])
             if not lane.rows:
                 return
-        self.postprocess.run(lane, self.step(lane))
+        drafts = self.speculator.drafts(lane)
+        if drafts is None:
+            self.postprocess.run(lane, self.step(lane))
+            return
+        rows = lane.rows
+        accepted = self.postprocess.run_drafts(lane, self.step.verify(lane, drafts), drafts)
+        self.speculator.record(rows, drafts, accepted)
 
     def _publish(self) -> None:
         """Hand the stats to on_stats when they changed since last time (a failing hook is logged, not fatal)."""

@@ -52,6 +52,13 @@ def drop_columns(cache: Any, lead: int) -> None:
         layer.cumulative_length = total - lead
 
 
+def drop_last_columns(cache: Any, count: int) -> None:
+    """Drop the last `count` columns of every row (a verification's rejected draft tokens), in place."""
+    for layer in cache.layers:
+        held = layer.keys.shape[COLUMNS] - count
+        layer.keys, layer.values = layer.keys[:, :, :held], layer.values[:, :, :held]
+
+
 def append_rows(cache: Any, other: Any, width: int) -> None:
     """Append `other`'s rows to `cache`'s, both left-padded to `width` columns, in place."""
     for mine, theirs in zip(cache.layers, other.layers):

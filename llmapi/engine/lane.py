@@ -49,6 +49,23 @@ class Lane:
             kv.drop_columns(self.cache, lead)
         self.padded = not bool(self.mask.all())  # padding may sit between a cached prefix and the rest
 
+    def settle(self, fed: int, kept: list[int]) -> None:
+        """After a pass that fed `fed` tokens per row (a verification: step.py), keep the first `kept[r]` of row r's.
+
+        Columns no row keeps leave the cache; a row that keeps fewer than the longest masks the rest out (padding
+        after its tokens, which its later steps never see), so that rows of one lane may accept different counts.
+        """
+        longest = max(kept)
+        if longest < fed:
+            self.mask = self.mask[:, : self.mask.shape[1] - (fed - longest)]
+            kv.drop_last_columns(self.cache, fed - longest)
+        width = self.mask.shape[1]
+        for row, count in enumerate(kept):
+            if count < longest:
+                self.mask[row, width - longest + count :] = 0
+                self.padded = True
+        self.positions = self.positions + torch.tensor(kept, device=self.mask.device).unsqueeze(-1)
+
     def merge(self, other: Lane) -> None:
         """Append `other`'s rows: the shorter cache and mask are padded on the left to the longer one."""
         width = max(self.mask.shape[1], other.mask.shape[1])

@@ -1,6 +1,7 @@
 """After a forward pass, in named steps: keep the logits that log-probabilities need, mask each grammar's row, choose
 the next tokens, score them, hand each row its token (stream what is safe, finish what ended), and let finished
-rows leave their lane at once."""
+rows leave their lane at once. After a pass that verified drafts (speculation.py), the same steps run position by
+position for each row, while its tokens equal its draft."""
 
 from __future__ import annotations
 
@@ -39,33 +40,77 @@ class Postprocess:
 
     def run(self, lane: Lane, logits: torch.Tensor) -> None:
         """Pick each row's next token, hand it to the row, and let finished rows leave the lane at once."""
-        scored, raw = self.keep_scored(lane, logits)
-        self.mask_grammars(lane, logits)
-        chosen = choose(logits, [row.controls for row in lane.rows], self.eos_list)  # on the logits' device
-        tokens = chosen.tolist()  # the one copy to the host a step makes
-        entries = self.score(lane, scored, raw, tokens)
+        chosen, tokens, entries = self.pick(lane.rows, logits)
         keep = self.hand_out(lane.rows, tokens, entries)
         lane.next_ids = chosen.to(torch.long).unsqueeze(-1)
         if len(keep) < len(lane.rows):
             lane.keep(keep)
 
-    def keep_scored(self, lane: Lane, logits: torch.Tensor) -> tuple[list[int], torch.Tensor | None]:
+    def run_drafts(self, lane: Lane, logits: torch.Tensor, drafts: list[list[int]]) -> list[int]:
+        """After a verification pass (speculation.py): hand each row its accepted draft tokens and one more, roll the
+        lane back to them, let finished rows leave; return how many draft tokens each row accepted."""
+        now = time.monotonic()
+        size = len(lane.rows)
+        accepted, kept, keep, last = [], [], [], []
+        for i, (row, draft) in enumerate(zip(lane.rows, drafts)):
+            taken, token = self.accept(row, logits[i], draft, size, now)
+            accepted.append(taken)
+            kept.append(taken + 1 if row.finish_reason is None else 1)  # a finished row leaves: keep it short
+            last.append(token)
+            if row.finish_reason is None:
+                keep.append(i)
+        lane.settle(logits.shape[1], kept)
+        lane.next_ids = torch.tensor(last, dtype=torch.long, device=lane.mask.device).unsqueeze(-1)
+        if len(keep) < len(lane.rows):
+            lane.keep(keep)
+        return accepted
+
+    def accept(self, row: Row, logits: torch.Tensor, draft: list[int], size: int, now: float) -> tuple[int, int]:
+        """Choose one row's tokens position by position, as plain steps would, while they equal its draft.
+
+        Each position is chosen after the tokens before it were handed to the row (penalties, min_tokens, grammar
+        and stop state included), so a greedy row gets exactly its plain tokens, and a sampled row samples each from
+        the same distribution: a draft token x is accepted with probability p(x), and on rejection the token drawn
+        is distributed as p without x, renormalized (speculative sampling for a draft that is certain of x).
+        Return how many draft tokens were taken and the last token handed out.
+        """
+        taken = 0
+        for j in range(len(draft) + 1):
+            _, tokens, entries = self.pick([row], logits[j : j + 1])
+            token = tokens[0]
+            self.rate.add(1)
+            self.give(row, token, entries.get(0), size, now)
+            matched = j < len(draft) and token == draft[j]
+            taken += matched
+            if not matched or row.finish_reason is not None:
+                break
+        return taken, token
+
+    def pick(self, rows: list[Row], logits: torch.Tensor) -> tuple[torch.Tensor, list[int], dict[int, TokenLogprob]]:
+        """Each row's next token (on the logits' device and on the host) and its log-probability entry if asked."""
+        scored, raw = self.keep_scored(rows, logits)
+        self.mask_grammars(rows, logits)
+        chosen = choose(logits, [row.controls for row in rows], self.eos_list)  # on the logits' device
+        tokens = chosen.tolist()  # the one copy to the host a step makes
+        return chosen, tokens, self.score(rows, scored, raw, tokens)
+
+    def keep_scored(self, rows: list[Row], logits: torch.Tensor) -> tuple[list[int], torch.Tensor | None]:
         """The rows that want log-probabilities, and a copy of their logits before the sampler or a grammar edits."""
-        scored = logprobs.wanted(lane.rows)
+        scored = logprobs.wanted(rows)
         return scored, (logits[scored] if scored else None)
 
-    def mask_grammars(self, lane: Lane, logits: torch.Tensor) -> None:
+    def mask_grammars(self, rows: list[Row], logits: torch.Tensor) -> None:
         """Forbid, in each grammar row's logits, the tokens its grammar does not allow next."""
-        if any(row.grammar is not None for row in lane.rows):
-            self.grammars().mask(logits, [row.grammar for row in lane.rows])
+        if any(row.grammar is not None for row in rows):
+            self.grammars().mask(logits, [row.grammar for row in rows])
 
     def score(
-        self, lane: Lane, scored: list[int], raw: torch.Tensor | None, tokens: list[int]
+        self, rows: list[Row], scored: list[int], raw: torch.Tensor | None, tokens: list[int]
     ) -> dict[int, TokenLogprob]:
         """The chosen tokens' log-probabilities (with the top alternatives asked for), by row index."""
         if raw is None:
             return {}
-        ks = [lane.rows[i].request.logprobs or 0 for i in scored]
+        ks = [rows[i].request.logprobs or 0 for i in scored]
         found = logprobs.entries(raw, [tokens[i] for i in scored], ks, self.texts)
         return dict(zip(scored, found))
 
@@ -74,23 +119,26 @@ class Postprocess:
         now = time.monotonic()
         size = len(rows)
         self.rate.add(size)
-        keep = []
-        for i, (row, token) in enumerate(zip(rows, tokens)):
-            if row.steps == 0:
-                row.timings["first_token_s"] = now - row.submitted
-            row.token_times.append(now - row.submitted)
-            row.steps += 1
-            row.batched += size
-            if row.request.max_new_tokens == 0:  # score only (echo): the prefill was all it needed
-                row.finish(self.model_name, now)
-                continue
-            row.push(token, self.eos_ids, entries.get(i))
-            row.stream()
-            if row.finish_reason is None:
-                keep.append(i)
-            else:
-                row.finish(self.model_name, now)
-        return keep
+        return [
+            i for i, (row, token) in enumerate(zip(rows, tokens)) if self.give(row, token, entries.get(i), size, now)
+        ]
+
+    def give(self, row: Row, token: int, entry: TokenLogprob | None, size: int, now: float) -> bool:
+        """Give one row one token chosen in a pass of `size` rows; stream, finish if it ended; return if it goes on."""
+        if row.steps == 0:
+            row.timings["first_token_s"] = now - row.submitted
+        row.token_times.append(now - row.submitted)
+        row.steps += 1
+        row.batched += size
+        if row.request.max_new_tokens == 0:  # score only (echo): the prefill was all it needed
+            row.finish(self.model_name, now)
+            return False
+        row.push(token, self.eos_ids, entry)
+        row.stream()
+        if row.finish_reason is None:
+            return True
+        row.finish(self.model_name, now)
+        return False
 
     def score_prompts(self, lane: Lane, logits: torch.Tensor) -> None:
         """After a prefill: the prompt's log-probabilities of each row that asked (a job of its own, all_logits)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import random
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,6 +16,16 @@ from llmapi.engine.text import IncrementalDecoder, StopMatcher
 from llmapi.engine.types import EngineError, GenerationRequest, GenerationResult, Piece, TokenLogprob
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Drafting:
+    """A row's speculation state (speculation.py, auto mode): drafts missed in a row, steps left before it drafts
+    again, and how many rests it has had (each doubles the next)."""
+
+    misses: int = 0
+    rest: int = 0
+    rests: int = 0
 
 
 class Row:
@@ -52,6 +63,7 @@ class Row:
         self.prompt_logprobs: tuple[TokenLogprob, ...] | None = None
         self.grammar: Any = None  # a grammar.Matcher, set by the engine at submit
         self.prompt_text: str | None = None  # the decoded prompt of a request sent as token ids
+        self.drafting = Drafting()
 
     @property
     def needs_prompt_logprobs(self) -> bool:

@@ -35,6 +35,27 @@ class DecodeStep:
         lane.cache = out.cache
         return out.logits[:, -1, :].float()  # fp32 whatever the model computes in
 
+    def verify(self, lane: Lane, drafts: list[list[int]]) -> torch.Tensor:
+        """Feed each row's last token and its draft (speculation.py) in one pass; return every fed position's logits,
+        [rows, 1 + longest draft, vocab] in fp32. The lane keeps every fed column until `Lane.settle`."""
+        width = 1 + max(len(draft) for draft in drafts)
+        last = lane.next_ids.squeeze(-1).tolist()
+        # A shorter draft is filled out with its row's last token: those columns are dropped or masked by settle.
+        ids = [[token, *draft, *[token] * (width - 1 - len(draft))] for token, draft in zip(last, drafts)]
+        device = lane.mask.device
+        lane.mask = torch.cat([lane.mask, lane.mask.new_ones((len(lane.rows), width))], dim=-1)
+        out = self.model(
+            input_ids=torch.tensor(ids, dtype=torch.long, device=device),
+            # Several new positions need a causal mask among them: transformers builds it from the 2-D mask (or,
+            # with no padding, from the cache's length alone).
+            attention_mask=lane.mask if lane.padded else None,
+            position_ids=lane.positions + torch.arange(1, width + 1, device=device),
+            cache=lane.cache,
+            use_cache=True,
+        )
+        lane.cache = out.cache
+        return out.logits.float()
+
     def mask(self, lane: Lane) -> torch.Tensor | None:
         """The attention mask of a decode step: none without padding, else 4-D boolean for SDPA, else 2-D."""
         if not lane.padded:  # no row has padding (left, or between a cached prefix and the rest)

@@ -157,6 +157,8 @@ class EngineStats:
     prefix_cache_capacity_bytes: int = 0
     prefix_hit_tokens: int = 0  # prompt tokens read from the prefix cache
     prefix_miss_tokens: int = 0  # prompt tokens of rows that looked in the cache, computed all the same
+    speculative_proposed_tokens: int = 0  # draft tokens verified (engine/speculation.py)
+    speculative_accepted_tokens: int = 0  # of those, the ones kept: new tokens that took no pass of their own
 
 
 class Handle(Protocol):
