@@ -52,6 +52,8 @@ def test_create_app_without_a_key_refuses(monkeypatch):
         ({"PREFIX_CACHE_MB": "1.5"}, "PREFIX_CACHE_MB"),
         ({"PREFIX_CACHE_BLOCK_TOKENS": "0"}, "PREFIX_CACHE_BLOCK_TOKENS"),
         ({"PREFILL_CHUNK_TOKENS": "-8"}, "PREFILL_CHUNK_TOKENS"),
+        ({"MAX_PREFILL_TOKENS": "0"}, "MAX_PREFILL_TOKENS"),
+        ({"MAX_PREFILL_TOKENS": "many"}, "MAX_PREFILL_TOKENS"),
     ],
 )
 def test_settings_bad_values_name_the_variable(env, names):
