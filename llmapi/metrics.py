@@ -62,7 +62,10 @@ class Metrics:
             "time_to_first_token_seconds", "from submission to the first new token", buckets=LATENCY_BUCKETS, **reg
         )
         self.queue_wait = Histogram(
-            "queue_wait_seconds", "from submission to the start of its prefill (admitted into the batch)", buckets=LATENCY_BUCKETS, **reg
+            "queue_wait_seconds",
+            "from submission to the start of its prefill (admitted into the batch)",
+            buckets=LATENCY_BUCKETS,
+            **reg,
         )
         self.generation_time = Histogram(
             "generation_duration_seconds", "from submission to the last token", buckets=LATENCY_BUCKETS, **reg
