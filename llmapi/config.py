@@ -149,6 +149,11 @@ class Settings:
     speculation_max_rows: int = env(
         "SPECULATION_MAX_ROWS", 1, doc="only lanes of at most this many rows speculate (more take plain steps)"
     )
+    max_prefill_tokens: int = env(
+        "MAX_PREFILL_TOKENS",
+        8192,
+        doc="per worker: admitted prompt tokens not yet read past which new prompts wait (requests take turns)",
+    )
     threads: int = env("GUNICORN_THREADS", 64, doc="gunicorn threads per worker (concurrent requests)")
     bind: str = env("BIND", "0.0.0.0:8000", doc="address gunicorn listens on")
     log_level: str = env("LOG_LEVEL", "info", doc="debug, info, warning or error")
@@ -320,6 +325,11 @@ class Settings:
         if self.prefill_chunk_tokens < 0:
             raise ConfigError(
                 f"PREFILL_CHUNK_TOKENS must not be negative (0 reads a prompt at once), got {self.prefill_chunk_tokens}"
+            )
+        if self.max_prefill_tokens < 1:
+            raise ConfigError(
+                f"MAX_PREFILL_TOKENS must be at least 1 (a longer prompt is still admitted alone), got"
+                f" {self.max_prefill_tokens}"
             )
 
     def _check_speculation(self) -> None:

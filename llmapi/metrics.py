@@ -62,7 +62,10 @@ class Metrics:
             "time_to_first_token_seconds", "from submission to the first new token", buckets=LATENCY_BUCKETS, **reg
         )
         self.queue_wait = Histogram(
-            "queue_wait_seconds", "from submission to joining a batch", buckets=LATENCY_BUCKETS, **reg
+            "queue_wait_seconds",
+            "from submission to the start of its prefill (admitted into the batch)",
+            buckets=LATENCY_BUCKETS,
+            **reg,
         )
         self.generation_time = Histogram(
             "generation_duration_seconds", "from submission to the last token", buckets=LATENCY_BUCKETS, **reg
@@ -108,6 +111,11 @@ class Metrics:
         self.rows_waiting = Gauge("engine_rows_waiting", "sequences queued for a place in the batch", **live)
         self.rows_prefilling = Gauge("engine_rows_prefilling", "sequences whose prompt is being read", **live)
         self.rows_running = Gauge("engine_rows_running", "sequences in the batch, generating", **live)
+        self.prefill_backlog = Gauge(
+            "engine_prefill_tokens_waiting",
+            "prompt tokens still to read: of the sequences waiting, and the unread rest of those prefilling",
+            **live,
+        )
         self.cache_hits = Counter("prefix_cache_hit_tokens", "prompt tokens read from the prefix cache", **reg)
         self.cache_misses = Counter("prefix_cache_miss_tokens", "prompt tokens the prefix cache did not hold", **reg)
         self.cache_bytes = Gauge("prefix_cache_bytes", "memory the prefix caches hold", **live)
@@ -168,6 +176,7 @@ class Metrics:
         self.rows_waiting.set(stats.waiting)
         self.rows_prefilling.set(stats.prefilling)
         self.rows_running.set(stats.decoding)
+        self.prefill_backlog.set(stats.prefill_tokens)
         self.cache_bytes.set(stats.prefix_cache_bytes)
         self.cache_capacity.set(stats.prefix_cache_capacity_bytes)
         seen, self._engine_seen = self._engine_seen, stats

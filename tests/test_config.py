@@ -60,6 +60,8 @@ def test_create_app_without_a_key_refuses(monkeypatch):
         ({"SPECULATION_NGRAM_MIN": "0"}, "SPECULATION_NGRAM_MIN"),
         ({"SPECULATION_NGRAM_MAX": "2", "SPECULATION_NGRAM_MIN": "3"}, "SPECULATION_NGRAM_MIN"),
         ({"SPECULATION_MAX_ROWS": "0"}, "SPECULATION_MAX_ROWS"),
+        ({"MAX_PREFILL_TOKENS": "0"}, "MAX_PREFILL_TOKENS"),
+        ({"MAX_PREFILL_TOKENS": "many"}, "MAX_PREFILL_TOKENS"),
     ],
 )
 def test_settings_bad_values_name_the_variable(env, names):

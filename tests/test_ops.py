@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 from flask import request
 
-from llmapi.engine.types import GenerationRequest
+from llmapi.engine.types import EngineStats, GenerationRequest
 from llmapi.logs import SANE_ID
 from llmapi.runtime.runner import start
 from llmapi.runtime.service import engine_service
@@ -190,6 +190,37 @@ def test_metrics_record_engine_timings(make_app):
     assert sample(text, "llmapi_generation_duration_seconds_sum") == 2
     assert sample(text, "llmapi_batch_size_bucket", le="2.0") == 0
     assert sample(text, "llmapi_batch_size_bucket", le="4.0") == 1
+
+
+class BackloggedEngine(FakeEngine):
+    """A fake engine that reports a prefill backlog to the metrics (on_stats) at each submission."""
+
+    on_stats = None
+
+    def submit(self, request):
+        handle = super().submit(request)
+        if self.on_stats is not None:
+            self.on_stats(EngineStats(waiting=2, prefilling=1, prefill_tokens=4096))
+        return handle
+
+
+def test_metrics_report_the_prefill_backlog(make_app):
+    engine = BackloggedEngine()
+    client = make_app(engine).test_client()
+    assert generate(client).status_code == 200
+    text = client.get("/metrics").get_data(as_text=True)
+    assert sample(text, "llmapi_engine_prefill_tokens_waiting") == 4096
+    assert sample(text, "llmapi_engine_rows_waiting") == 2
+
+
+def test_runner_puts_every_choice_of_a_request_in_one_group(make_app, fake_engine):
+    client = make_app(served_model_name="fake-model").test_client()
+    body = {"model": "fake-model", "prompt": ["one", "two", "three"], "max_tokens": 1}
+    assert client.post("/v1/completions", json=body, headers=AUTH).status_code == 200
+    assert generate(client).status_code == 200
+    groups = [request.group for request in fake_engine.requests]
+    assert groups[0] == groups[1] == groups[2] is not None
+    assert groups[3] not in (None, groups[0])
 
 
 def test_metrics_count_load_failures(make_app):

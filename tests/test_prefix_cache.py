@@ -179,8 +179,8 @@ def test_engine_stats_count_the_queue_and_the_cache(cached):
     assert seen[-1].prefix_hit_tokens > 0 and seen[-1].prefix_cache_bytes > 0
 
 
-def test_prompt_scoring_rows_bypass_the_cache_and_chunks_and_score_as_without_them(sharp, chunked):
-    """A row that scores its prompt (echo + logprobs) reads it whole: the same logprobs with the cache warm."""
+def test_prompt_scoring_rows_bypass_the_cache_and_score_in_chunks_as_without_them(sharp, chunked):
+    """A row that scores its prompt (echo + logprobs) reads it all, in chunks: the same logprobs with the cache warm."""
     warm = [chunked.submit(request) for request in chats(2, tail=" " + LONG)]
     for handle in warm:
         handle.result()

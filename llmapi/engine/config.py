@@ -18,6 +18,7 @@ class EngineConfig:
     prefix_cache_mb: float = 0.0  # memory of the prefix cache; 0 = off
     prefix_cache_block_tokens: int = 16  # tokens per prefix-cache block
     prefill_chunk_tokens: int = 0  # most prompt tokens one row reads per engine step; 0 = a whole prompt at once
+    max_prefill_tokens: int = 8192  # admitted prompt tokens still unread past which no more rows are admitted
     engine_mode: str = "batch"  # "batch", or "simple": transformers' generate, one request at a time (the baseline)
     device: str = "auto"
     dtype: str = "auto"

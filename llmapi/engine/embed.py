@@ -33,6 +33,11 @@ class EmbedRow:
         self.submitted = time.monotonic()
         self._events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
 
+    @property
+    def group(self) -> int:
+        """A request of its own, in the admission's turns (the scheduler's key, as a generation row's)."""
+        return -id(self)
+
     def send(self, kind: str, payload: Any) -> None:
         """Deliver the result ("done") or an error from the engine thread."""
         self._events.put((kind, payload))

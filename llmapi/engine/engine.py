@@ -125,6 +125,7 @@ class Engine(Tokenizer):
             prefix_miss_tokens=cache.miss_tokens,
             speculative_proposed_tokens=self.speculator.proposed,
             speculative_accepted_tokens=self.speculator.accepted,
+            prefill_tokens=self.scheduler.prefill_tokens(),
         )
 
     def close(self) -> None:
@@ -176,12 +177,13 @@ class Engine(Tokenizer):
             scheduler.prefilling.remove(job)
             return
         logits = job.advance(self.loaded.model)
-        if logits is None:
+        if job.all_logits:  # scored as read: a long prompt never holds T x vocab logits at once
+            self.postprocess.score_prompt_chunk(job, logits)
+        if not job.done:
             return
         scheduler.prefilling.remove(job)
         lane = Lane(job.rows, job.cache, job.mask, job.positions[:, -1:], padded=not bool(job.mask.all()))
         self._store_prefixes(lane)
-        self.postprocess.score_prompts(lane, logits)
         self.postprocess.run(lane, logits[:, -1, :].float())  # fp32 whatever the model computes in: see sampling
         self._place(lane)
 

@@ -79,16 +79,37 @@ def logsumexp(logits: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(peak + np.log(np.exp(values - peak).sum(axis=1, keepdims=True)))
 
 
-def prompt_entries(
-    logits: torch.Tensor, prompt_ids: Sequence[int], k: int, texts: TokenTexts
-) -> tuple[TokenLogprob, ...]:
-    """Score a prompt: its first token unscored (logprob None), then each under the logits of the position before.
+class PromptScorer:
+    """A prompt's log-probabilities, read chunk by chunk as its prefill computes them.
 
-    `logits` is [len(prompt_ids), vocab]: position j's logits predict token j + 1 (the last row predicts the
-    first new token and is not used here).
+    Token t is scored under the logits of position t - 1 (the first token has no logprob), which lie in the chunk
+    before when t opens a chunk: so only that one column is carried from chunk to chunk, never the whole prompt's
+    T x vocab. Fed the whole prompt at once, it scores it as a one-pass prefill does.
     """
-    first = texts.entry(prompt_ids[0], None) if prompt_ids else None
-    if len(prompt_ids) < 2:
-        return (first,) if first else ()
-    scored = entries(logits[:-1].float(), prompt_ids[1:], [k] * (len(prompt_ids) - 1), texts)
-    return (first, *scored)
+
+    def __init__(self, prompt_ids: Sequence[int], k: int, texts: TokenTexts) -> None:
+        self.prompt_ids = prompt_ids
+        self.k = k
+        self.texts = texts
+        self.entries: list[TokenLogprob] = []
+        self.carry: torch.Tensor | None = None  # [1, vocab]: the logits of the last position read so far
+
+    def feed(self, logits: torch.Tensor) -> None:
+        """Score the prompt's next `len(logits)` tokens, given the logits of their positions ([columns, vocab])."""
+        count = logits.shape[0]
+        start = len(self.entries)
+        if count == 0:
+            return
+        if self.carry is None:  # the prompt's first token: nothing before it predicts it
+            self.entries.append(self.texts.entry(self.prompt_ids[0], None))
+            before, tokens = logits[: count - 1], self.prompt_ids[1:count]
+        else:
+            before, tokens = torch.cat([self.carry, logits[: count - 1]]), self.prompt_ids[start : start + count]
+        if len(tokens):
+            self.entries.extend(entries(before.float(), tokens, [self.k] * len(tokens), self.texts))
+        # A copy, so that the chunk's whole logits are not kept alive by a view of one column.
+        self.carry = logits[count - 1 :].to(torch.float32, copy=True)
+
+    def result(self) -> tuple[TokenLogprob, ...]:
+        """The entries scored so far: one per prompt token once the whole prompt has been fed."""
+        return tuple(self.entries)

@@ -13,6 +13,7 @@ import torch
 
 from llmapi.engine import logprobs
 from llmapi.engine.lane import Lane
+from llmapi.engine.prefill import Prefill
 from llmapi.engine.sampling import choose
 from llmapi.engine.sequence import Row
 from llmapi.engine.stats import TokenRate
@@ -140,11 +141,14 @@ class Postprocess:
         row.finish(self.model_name, now)
         return False
 
-    def score_prompts(self, lane: Lane, logits: torch.Tensor) -> None:
-        """After a prefill: the prompt's log-probabilities of each row that asked (a job of its own, all_logits)."""
-        for i, row in enumerate(lane.rows):
-            if row.needs_prompt_logprobs:
-                width = len(row.prompt_ids)
-                row.prompt_logprobs = logprobs.prompt_entries(
-                    logits[i, -width:].float(), row.prompt_ids, row.request.prompt_logprobs or 0, self.texts
-                )
+    def score_prompt_chunk(self, job: Prefill, logits: torch.Tensor) -> None:
+        """After each chunk of a scoring job (all_logits): score the prompt tokens it read, for each row that asked;
+        once the job is done, the row's prompt_logprobs are complete."""
+        for i, row in enumerate(job.rows):
+            if not row.needs_prompt_logprobs:
+                continue
+            if row.prompt_scorer is None:
+                row.prompt_scorer = logprobs.PromptScorer(row.prompt_ids, row.request.prompt_logprobs or 0, self.texts)
+            row.prompt_scorer.feed(logits[i, job.read_columns(i)])
+            if job.done:
+                row.prompt_logprobs, row.prompt_scorer = row.prompt_scorer.result(), None

@@ -1,11 +1,19 @@
 """Which rows run next: the waiting queue, admission into the batch, prefill jobs and their chunk budget, the lanes
-that decode, and the rows that end early (cancelled, or past their deadline)."""
+that decode, and the rows that end early (cancelled, or past their deadline).
+
+Work is scheduled by tokens, and fairly between requests (the rows of one HTTP request share a `group`): admission
+takes waiting rows while fewer than `max_prefill_tokens` admitted prompt tokens are still unread, one row per request
+in turn, the requests holding the fewest prefilling rows first; and while rows decode, a step reads at most
+`prefill_chunk_tokens` prompt tokens across the prefill jobs, one job per request in turn, the request served least
+recently first. So one request's many long prompts cannot hold the engine while another's short one waits.
+"""
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from typing import Any
 
 import torch
@@ -26,6 +34,7 @@ class Scheduler:
         self.max_batch_size = config.max_batch_size
         self.batch_wait_s = config.batch_wait_ms / 1000.0
         self.chunk_tokens = config.prefill_chunk_tokens  # 0: every prompt in one pass
+        self.max_prefill_tokens = config.max_prefill_tokens
         self.prefix_cache = prefix_cache
         self.model_name = model_name
         self.pad_id = pad_id
@@ -33,6 +42,9 @@ class Scheduler:
         self.waiting: deque[Row | EmbedRow] = deque()  # an input to embed waits for room like a generation
         self.prefilling: list[Prefill] = []
         self.lanes: list[Lane] = []
+        self.waiting_tokens = 0  # the prompt tokens of the rows waiting (the metrics' prefill backlog)
+        self.served: dict[int, int] = {}  # each prefilling request's last turn at the step's prefill budget
+        self.turns = itertools.count(1)
         self.wakeup = threading.Condition()
         self.closing = False
 
@@ -42,6 +54,7 @@ class Scheduler:
             if self.closing:
                 raise EngineError("the engine was shut down")
             self.waiting.append(row)
+            self.waiting_tokens += prompt_tokens(row)
             self.wakeup.notify()
 
     def close(self) -> None:
@@ -71,7 +84,7 @@ class Scheduler:
             waited = time.monotonic() - self.waiting[0].submitted
             if busy and waited < self.batch_wait_s and len(self.waiting) < room:
                 return []
-            taken = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
+            taken = self._take_fairly(room)
         embeds = [row for row in taken if isinstance(row, EmbedRow)]  # run by the engine in one forward pass
         taken = [row for row in taken if not isinstance(row, EmbedRow)]
         shared = [row for row in taken if not row.solo and not row.needs_prompt_logprobs]
@@ -79,6 +92,32 @@ class Scheduler:
         # not the whole group's; its lane then joins the shared one like any other.
         alone = [[row] for row in taken if row.solo or row.needs_prompt_logprobs]
         return ([embeds] if embeds else []) + ([shared] if shared else []) + alone
+
+    def _take_fairly(self, room: int) -> list[Row | EmbedRow]:
+        """Take up to `room` waiting rows, one per request in turn, while the admitted prompt tokens still unread are
+        fewer than max_prefill_tokens (so at least one row when none are, however long its prompt).
+
+        Requests holding the fewest prefilling rows go first, then the one waiting longest: a request of eight long
+        prompts gets its second row in only after each other waiting request got one (the caller holds the lock).
+        """
+        queues: dict[int, deque[Row | EmbedRow]] = {}
+        for row in self.waiting:
+            queues.setdefault(row.group, deque()).append(row)
+        held = Counter(row.group for job in self.prefilling for row in job.rows)
+        unread = sum(job.unread() for job in self.prefilling)
+        taken: list[Row | EmbedRow] = []
+        while queues and len(taken) < room and unread < self.max_prefill_tokens:
+            group = min(queues, key=lambda key: (held[key], queues[key][0].submitted))
+            row = queues[group].popleft()
+            if not queues[group]:
+                del queues[group]
+            taken.append(row)
+            held[group] += 1
+            unread += prompt_tokens(row)
+        chosen = {id(row) for row in taken}
+        self.waiting = deque(row for row in self.waiting if id(row) not in chosen)
+        self.waiting_tokens -= sum(prompt_tokens(row) for row in taken)
+        return taken
 
     def _wait_for_company(self) -> None:
         """Hold a new batch open for batch_wait_ms or until it is full (the caller holds the lock)."""
@@ -90,7 +129,8 @@ class Scheduler:
             self.wakeup.wait(left)
 
     def start_prefill(self, rows: list[Row]) -> None:
-        """Look up each row's cached prefix and queue its prefill: rows with a long rest each alone, in chunks."""
+        """Look up each row's cached prefix and queue its prefill: a row with a long rest, or one that scores its
+        prompt, alone (in chunks when long); the others together, in jobs of at most a chunk's cells."""
         now = time.monotonic()
         rows = self.end_stopped(rows, now)
         batch: list[tuple[Row, tuple[int, torch.Tensor | None]]] = []
@@ -98,19 +138,36 @@ class Scheduler:
             row.timings["queue_s"] = now - row.submitted
             start = self._cached_prefix(row)
             row.cached_tokens = start[0]
-            if row.needs_prompt_logprobs:
-                self.prefilling.append(self._job([row], [start], chunked=False, all_logits=True))
-            elif self.chunk_tokens and len(row.prompt_ids) - start[0] > self.chunk_tokens:
-                self.prefilling.append(self._job([row], [start], chunked=True))
+            # A scoring row alone: its chunks' logits (every column) are one prompt's, not a group's.
+            if row.needs_prompt_logprobs or (self.chunk_tokens and len(row.prompt_ids) - start[0] > self.chunk_tokens):
+                self.prefilling.append(self._job([(row, start)], all_logits=row.needs_prompt_logprobs))
             else:
                 batch.append((row, start))
-        if batch:
-            self.prefilling.append(self._job([row for row, _ in batch], [start for _, start in batch], chunked=False))
+        for part in self._pack(batch):
+            self.prefilling.append(self._job(part))
 
-    def _job(self, rows: list[Row], starts: list, *, chunked: bool, all_logits: bool = False) -> Prefill:
-        """A prefill job for `rows` on the model's device."""
-        chunk = self.chunk_tokens if chunked else 0
-        return Prefill(rows, starts, pad_id=self.pad_id, chunk_tokens=chunk, device=self.device, all_logits=all_logits)
+    def _pack(self, batch: list[tuple[Row, tuple[int, torch.Tensor | None]]]) -> list[list[Any]]:
+        """Split short rows into jobs whose rows x longest rest fit one step's budget (all in one without chunks).
+
+        Sorted by length, so that rows of like length pad each other least.
+        """
+        if not self.chunk_tokens:
+            return [batch] if batch else []
+        parts: list[list[Any]] = []
+        for row, start in sorted(batch, key=lambda item: len(item[0].prompt_ids) - item[1][0]):
+            rest = len(row.prompt_ids) - start[0]  # the longest yet: sorted
+            if parts and (len(parts[-1]) + 1) * rest <= self.chunk_tokens:
+                parts[-1].append((row, start))
+            else:
+                parts.append([(row, start)])
+        return parts
+
+    def _job(self, part: list[Any], *, all_logits: bool = False) -> Prefill:
+        """A prefill job for the (row, cached prefix) pairs of `part`, on the model's device."""
+        rows, starts = [row for row, _ in part], [start for _, start in part]
+        return Prefill(
+            rows, starts, pad_id=self.pad_id, chunk_tokens=self.chunk_tokens, device=self.device, all_logits=all_logits
+        )
 
     def _cached_prefix(self, row: Row) -> tuple[int, torch.Tensor | None]:
         """The row's longest cached prefix (tokens, KV), or (0, None) when it may not or does not have one."""
@@ -119,21 +176,37 @@ class Scheduler:
         return self.prefix_cache.lookup(row.prompt_ids)
 
     def prefills_due(self) -> list[Prefill]:
-        """The prefill jobs to feed this step: every one-pass job, and one chunk of the oldest chunked job.
+        """The prefill jobs to feed this step: while rows decode, at most prefill_chunk_tokens prompt cells in all
+        (at least one job), one job per request in turn; with no row decoding, every job.
 
-        So a long prompt costs the running rows at most one chunk per decode step, however many long prompts wait.
-        With no row decoding there is nothing to protect: every chunked job reads its next chunk.
+        So whatever arrives, prompts to score included, a decoding row waits about one chunk's time per token.
         """
-        due = []
-        chunked_done = False
-        protect = any(lane.rows for lane in self.lanes)
-        for job in list(self.prefilling):
-            if job.chunked and protect:
-                if chunked_done:
-                    continue
-                chunked_done = True
+        jobs = [job for job in self.prefilling if job.rows]
+        if not self.chunk_tokens or not any(lane.rows for lane in self.lanes):
+            return jobs  # nothing to protect (or no budget): every job reads its next chunk
+        due: list[Prefill] = []
+        budget = self.chunk_tokens
+        for job in self._fair_order(jobs):
+            cost = job.next_cost()
+            if due and cost > budget:
+                continue  # a smaller one may still fit; this one's request, not served, goes first next step
             due.append(job)
+            budget -= cost
+        turn = next(self.turns)
+        for job in due:
+            self.served[job.group] = turn
+        live = {job.group for job in jobs}
+        self.served = {group: last for group, last in self.served.items() if group in live}
         return due
+
+    def _fair_order(self, jobs: list[Prefill]) -> list[Prefill]:
+        """`jobs` in turns: each request's first job, the request served least recently (then the oldest) first;
+        then each one's second; and so on."""
+        by_group: dict[int, list[Prefill]] = {}
+        for job in jobs:
+            by_group.setdefault(job.group, []).append(job)
+        queues = sorted(by_group.values(), key=lambda own: (self.served.get(own[0].group, 0), own[0].submitted))
+        return [job for turn in itertools.zip_longest(*queues) for job in turn if job is not None]
 
     def end_stopped(self, rows: list[Row], now: float) -> list[Row]:
         """Finish the rows that were cancelled or ran out of time; return the rows still going."""
@@ -147,6 +220,10 @@ class Scheduler:
     def drop_failed(self) -> None:
         """Forget the prefill jobs of failed rows (queued by a failing start_prefill, say): they must not go on."""
         self.prefilling = [job for job in self.prefilling if job.rows and not any(r.closed for r in job.rows)]
+
+    def prefill_tokens(self) -> int:
+        """Prompt tokens still to read: the waiting rows' and the unread rest of the prefilling ones (the metrics)."""
+        return self.waiting_tokens + sum(job.unread() for job in list(self.prefilling) if job.rows)
 
     def decoding(self) -> int:
         """Rows in the lanes (decoding)."""
@@ -163,3 +240,8 @@ class Scheduler:
             + list(self.waiting)
             + [row for job in self.prefilling for row in job.rows]
         )
+
+
+def prompt_tokens(row: Row | EmbedRow) -> int:
+    """The tokens of a row's prompt (or of an input to embed)."""
+    return len(row.prompt_ids) if isinstance(row, Row) else len(row.ids)

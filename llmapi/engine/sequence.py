@@ -61,6 +61,7 @@ class Row:
         self.logprobs: list[TokenLogprob] = []
         self.logprobs_sent = 0
         self.prompt_logprobs: tuple[TokenLogprob, ...] | None = None
+        self.prompt_scorer: Any = None  # a logprobs.PromptScorer while a scoring row's prompt is read, chunk by chunk
         self.grammar: Any = None  # a grammar.Matcher, set by the engine at submit
         self.prompt_text: str | None = None  # the decoded prompt of a request sent as token ids
         self.drafting = Drafting()
@@ -69,10 +70,15 @@ class Row:
     def needs_prompt_logprobs(self) -> bool:
         """Whether this row's prefill must keep every prompt position's logits (prompt logprobs: echo with logprobs).
 
-        Such a row reads its whole prompt in one pass: no prefix cache (as vLLM does: cached positions would have
-        no logits to score), no chunks.
+        Such a row prefills alone and skips the prefix cache (as vLLM does: cached positions would have no logits
+        to score); its chunks are scored as they are read (engine/logprobs.py PromptScorer).
         """
         return self.request.needs_prompt_logprobs
+
+    @property
+    def group(self) -> int:
+        """The request this row is a choice of (its rows take turns with other requests'), else a group of its own."""
+        return self.request.group if self.request.group is not None else -id(self)
 
     @property
     def uses_prefix_cache(self) -> bool:

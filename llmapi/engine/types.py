@@ -101,6 +101,9 @@ class GenerationRequest:
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (the first has none)
     grammar: Grammar | None = None
     prompt_ids: tuple[int, ...] | None = None  # token ids sent instead of text (`prompt` is then "")
+    # The HTTP request this generation is one choice of (the runner numbers them): the scheduler lets requests take
+    # turns, not rows, so that one request's many prompts cannot hold the engine. None: a request of its own.
+    group: int | None = field(default=None, compare=False)
 
     @property
     def needs_prompt_logprobs(self) -> bool:
@@ -159,6 +162,7 @@ class EngineStats:
     prefix_miss_tokens: int = 0  # prompt tokens of rows that looked in the cache, computed all the same
     speculative_proposed_tokens: int = 0  # draft tokens verified (engine/speculation.py)
     speculative_accepted_tokens: int = 0  # of those, the ones kept: new tokens that took no pass of their own
+    prefill_tokens: int = 0  # prompt tokens still to read: of the rows waiting, and the unread rest of those prefilling
 
 
 class Handle(Protocol):

@@ -8,6 +8,7 @@ and gives the place back when its last generation ends.
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -29,6 +30,7 @@ from llmapi.runtime.tracking import TrackedHandle
 
 Event = tuple[int, Piece | GenerationResult]  # (choice index, a text piece or the choice's result)
 _END = object()  # marks the end of one choice's events in Generation.events()
+_GROUPS = itertools.count(1)  # numbers the HTTP requests: the engine's scheduler lets them take turns
 
 
 class Generation:
@@ -108,9 +110,11 @@ def start(
     generation = Generation(service.admission.enter())
     try:
         engine = service.engine()
+        group = next(_GROUPS)  # every choice of this request takes its turns as one
         if messages is not None:
             prompt = engine.render_chat(messages, tools) if tools else engine.render_chat(messages)
             requests = [replace(request, prompt=prompt) for request in requests]
+        requests = [replace(request, group=group) for request in requests]
         for request in requests:
             inner = engine.submit(request)
             generation.hold()
