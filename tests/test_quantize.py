@@ -209,3 +209,18 @@ def test_auto_quantization_leaves_other_models_alone(tiny_model, real_model):
     assert Settings.from_env({"API_KEY": "k", "MODEL_NAME": tiny_model, "QUANTIZATION": "auto"}).quantization == "none"
     real = Settings.from_env({"API_KEY": "k", "MODEL_NAME": real_model, "QUANTIZATION": "auto"})
     assert real.quantization == "int4"  # SmolLM2's file is Q4_1 (general.file_type 3)
+
+
+def test_split_head_takes_bf16_for_few_rows_and_fp32_for_many():
+    from llmapi.engine.quantize import SplitHead
+
+    torch.manual_seed(3)
+    head = torch.nn.Linear(64, 1000, bias=False).to(torch.bfloat16)
+    split = SplitHead(head, fp32_rows=8)
+    assert split.weight is head.weight and split.weight_fp32.dtype == torch.float32
+    reference = head.weight.float()
+    few, many = torch.randn(1, 3, 64).to(torch.bfloat16), torch.randn(2, 5, 64).to(torch.bfloat16)
+    out_few, out_many = split(few), split(many)
+    assert out_few.dtype == torch.bfloat16 and out_many.dtype == torch.float32  # 3 rows, then 10
+    assert torch.allclose(out_few.float(), few.float() @ reference.t(), atol=0.05, rtol=0.02)
+    assert torch.allclose(out_many, many.float() @ reference.t(), atol=1e-4, rtol=1e-4)

@@ -23,6 +23,7 @@ INT4_GROUP = 32  # a GGUF Q4_0/Q4_1 block; the kernel takes 32 to 256
 INT4_ROWS = 16  # the int4pack layout packs output rows 16 at a time
 INT8_COLUMNS = 8  # the int8pack kernel reads 8 inputs at a time: other widths give wrong sums, or crash
 MODES = ("int4", "int8")
+HEAD_FP32_ROWS = 8  # SplitHead: where fp32 overtakes emulated bf16 through a real model's head
 
 
 def int4_qparams(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -81,6 +82,37 @@ class Int8Linear(torch.nn.Module):
     def dequantized(self) -> torch.Tensor:
         """The weight as the kernel sees it, [N, K] in fp32."""
         return self.weight.float() * self.scales.float()[:, None]
+
+
+class SplitHead(torch.nn.Module):
+    """The output head for a CPU without native bf16: bf16 for a few rows, fp32 from `fp32_rows` rows up.
+
+    Without AVX-512 BF16 or AMX, torch emulates a bf16 matmul row by row: through SmolLM2's head (49,152 x 576),
+    2 threads, bf16 takes 3.7 ms for one row and 95 ms for 32, fp32 8.9 ms and 33 ms; they cross near 8 rows
+    (docs/performance.md, 4-bit weights). The bf16 weight is the tied embedding's own; the fp32 copy is the price.
+    """
+
+    def __init__(self, head: torch.nn.Linear, *, fp32_rows: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = head.in_features, head.out_features
+        self.fp32_rows = fp32_rows
+        self.weight = head.weight  # bf16, shared with the input embedding when the model ties them
+        self.register_buffer("weight_fp32", head.weight.detach().float().clone(), persistent=False)
+        self.bias = head.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits: bf16 arithmetic for fewer than fp32_rows rows, else fp32 (returned in fp32)."""
+        if x.numel() // self.in_features < self.fp32_rows:
+            return torch.nn.functional.linear(x, self.weight, self.bias)
+        bias = None if self.bias is None else self.bias.float()
+        return torch.nn.functional.linear(x.float(), self.weight_fp32, bias)
+
+
+def split_head(model: Any, *, fp32_rows: int = HEAD_FP32_ROWS) -> None:
+    """Give a bf16 model on a CPU without native bf16 the SplitHead (in place)."""
+    head = model.get_output_embeddings()
+    if isinstance(head, torch.nn.Linear):
+        model.set_output_embeddings(SplitHead(head, fp32_rows=fp32_rows))
 
 
 def linear_weight(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
