@@ -36,12 +36,13 @@ def start_engine(config: EngineConfig):  # -> llmapi.engine.engine.Engine, or th
     # The Rust tokenizer's own thread pool must not start in a process that serves threads of its own.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from llmapi.engine.engine import Engine
-    from llmapi.engine.loader import load, set_threads
+    from llmapi.engine.loader import load, on_a_thread_of_its_own, set_threads
     from llmapi.engine.tuning import keep_freed_memory, release_freed_memory
 
     keep_freed_memory()
     set_threads(config.torch_threads)
-    loaded = load(
+    loaded = on_a_thread_of_its_own(
+        load,
         config.model_name,
         revision=config.model_revision or None,
         device=config.device,
