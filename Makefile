@@ -34,7 +34,7 @@ $(REAL_MODEL): deploy/real-model.txt | $(VENV)/.installed
 
 real-model: $(REAL_MODEL)  ## get SmolLM2-135M-Instruct's GGUF and convert it once, as the server would
 	$(PY) -m llmapi.engine.from_gguf $(REAL_MODEL) --cache "$(GGUF_CACHE_DIR)" --dtype "$${DTYPE:-auto}" \
-	  --device "$${DEVICE:-auto}" --quantization "$${QUANTIZATION:-none}"
+	  --device "$${DEVICE:-auto}" --quantization "$${QUANTIZATION:-auto}"
 
 run: install real-model  ## serve the real model on :8000 with gunicorn (makes an API key if API_KEY is unset)
 	@key="$${API_KEY:-$$(cat .api_key 2>/dev/null || $(PY) -c 'import secrets; print(secrets.token_urlsafe(24))' | tee .api_key)}"; \

@@ -1,10 +1,11 @@
 """The mixed workload inside one engine, no HTTP: short streams while long prompts arrive, and where a slow step goes.
 
-`python -m bench.mixed_engine [--model models/small-gpt2] [--seconds 60] [--threads 2] [--chunk 64]`: 6 clients
-stream 64 new tokens from short prompts while 2 clients send 900-token prompts that share nothing (8 new tokens),
-against one engine with lanes kept apart (the default) and then one whose long rows merge into the streams' lane
-(`MAX_SHARED_LANES=1`, as before); prints the streams' inter-token latency (p50, p90, p99, as the client sees
-pieces) and the slowest engine steps with the time spent in each part of them. JSON on the last line.
+`python -m bench.mixed_engine [--model models/small-gpt2] [--seconds 60] [--threads 2] [--chunk 64] [--lanes 2,1]`:
+6 clients stream 64 new tokens from short prompts while 2 clients send 900-token prompts that share nothing (8 new
+tokens), against one engine with lanes kept apart (the default) and then one whose long rows merge into the streams'
+lane (`MAX_SHARED_LANES=1`, as before); prints the streams' inter-token latency (p50, p90, p99, as the client sees
+pieces), their time to first token (p50, p99), and the slowest engine steps with the time spent in each part of
+them. JSON on the last line. For the real model pass its converted folder (models/gguf-cache/...-float32).
 """
 
 from __future__ import annotations
@@ -70,18 +71,22 @@ def run(model: str, *, threads: int, chunk: int, seconds: float, lanes: int) -> 
     stop = time.monotonic() + seconds
     measure_from = time.monotonic() + min(5.0, seconds / 4)  # after a warm-up
     gaps: list[float] = []
+    firsts: list[float] = []
 
     def stream(i: int) -> None:
         for n in range(10**6):
             if time.monotonic() > stop:
                 return
             request = GenerationRequest(prompt=f"Stream {i} {n}: once upon a time", max_new_tokens=64, stream=True)
-            last = None
+            last, sent = None, time.perf_counter()
             for piece in engine.submit(request).pieces():
                 now = time.perf_counter()
                 if isinstance(piece, Piece):
-                    if last is not None and time.monotonic() > measure_from:
-                        gaps.append(now - last)
+                    if time.monotonic() > measure_from:
+                        if last is None:
+                            firsts.append(now - sent)
+                        else:
+                            gaps.append(now - last)
                     last = now
 
     def prompts(i: int) -> None:
@@ -100,12 +105,15 @@ def run(model: str, *, threads: int, chunk: int, seconds: float, lanes: int) -> 
     durations = [(b[0] - a[0], b[1]) for a, b in itertools.pairwise(steps)]
     slowest = sorted(durations, key=lambda step: -step[0])[:8]
     gaps.sort()
+    firsts.sort()
     return {
         "shared_lanes": lanes,
         "gaps": len(gaps),
         "itl_p50_ms": 1000 * percentile(gaps, 50),
         "itl_p90_ms": 1000 * percentile(gaps, 90),
         "itl_p99_ms": 1000 * percentile(gaps, 99),
+        "ttft_p50_ms": 1000 * percentile(firsts, 50),
+        "ttft_p99_ms": 1000 * percentile(firsts, 99),
         "slowest_steps": [{"ms": 1000 * d, **{k: round(1000 * v) for k, v in parts.items()}} for d, parts in slowest],
     }
 
@@ -117,15 +125,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--chunk", type=int, default=64)
+    parser.add_argument("--lanes", default="2,1", help="MAX_SHARED_LANES of each run (2: the default)")
     args = parser.parse_args(argv)
     results = []
-    for lanes in (2, 1):
+    for lanes in [int(n) for n in args.lanes.split(",")]:
         figures = run(args.model, threads=args.threads, chunk=args.chunk, seconds=args.seconds, lanes=lanes)
         results.append(figures)
         print(
             f"shared lanes at most {lanes}: streams' ITL p50 {figures['itl_p50_ms']:.0f} ms, p90"
             f" {figures['itl_p90_ms']:.0f}, p99 {figures['itl_p99_ms']:.0f} (p99 / p50"
-            f" {figures['itl_p99_ms'] / figures['itl_p50_ms']:.2f}, {figures['gaps']} gaps); slowest steps:"
+            f" {figures['itl_p99_ms'] / figures['itl_p50_ms']:.2f}, {figures['gaps']} gaps); TTFT p50"
+            f" {figures['ttft_p50_ms']:.0f} ms, p99 {figures['ttft_p99_ms']:.0f}; slowest steps:"
         )
         for step in figures["slowest_steps"]:
             print("   ", ", ".join(f"{k} {v:.0f}" for k, v in step.items()), "ms")

@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=4, help="SPECULATIVE_TOKENS")
     parser.add_argument("--max-rows", type=int, default=1, help="SPECULATION_MAX_ROWS")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: every core)")
+    parser.add_argument("--quantization", default="auto", help="QUANTIZATION (auto: int4 for the Q4_1 file)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     counts = [int(n) for n in args.clients.split(",")]
@@ -123,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         torch_threads=args.threads or os.cpu_count() or 1,
         max_batch_size=max(counts),
         gguf_cache_dir=args.gguf_cache,
+        quantization=args.quantization,
         speculation=args.mode,
         speculative_tokens=args.tokens,
         speculation_max_rows=args.max_rows,

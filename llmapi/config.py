@@ -183,7 +183,7 @@ class Settings:
     device: str = env("DEVICE", "auto", doc="auto (cuda when a GPU is there, else cpu), cpu, cuda or cuda:N")
     quantization: str = env(
         "QUANTIZATION",
-        "none",
+        "auto",
         doc="none; int4: 4-bit weights in groups of 32 (a GGUF Q4_1 file's own), or int8: int8 weights per channel;"
         " both weight-only, activations in bf16, CPU only; auto = int4 for a GGUF file of 4-bit (or fewer) weights"
         " on a CPU, else none",
