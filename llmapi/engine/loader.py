@@ -153,7 +153,7 @@ def load(
     from llmapi.cpus import native_bf16
     from llmapi.engine.from_gguf import is_gguf
     from llmapi.engine.precision import count_parameters, own_tensors, place
-    from llmapi.engine.quantize import fp32_head, head_in_fp32, quantize_weights
+    from llmapi.engine.quantize import quantize_weights, split_head
 
     # Progress bars and length warnings go to the server log for every load; our own log says enough.
     hf_logging.set_verbosity_error()
@@ -188,10 +188,9 @@ def load(
     fuse_tanh_gelu(model)
     if quantization != "none":
         swapped = quantize_weights(model, quantization, dtype=placement.torch_dtype)
-        # Where torch emulates bf16, many rows through the head go faster in fp32 (quantize.Fp32Head).
-        head = None if native_bf16() else head_in_fp32(model)
-        model.to(placement.torch_dtype)  # the rest (embedding, norms) computes in bf16 beside them
-        fp32_head(model, head)
+        model.to(placement.torch_dtype)  # the rest (embedding, norms, head) computes in bf16 beside them
+        if not native_bf16():  # torch emulates bf16 here: many rows through the head go faster in fp32
+            split_head(model)
         own_tensors(model)
         log.info("pid=%d %s: %d linear layers quantized", os.getpid(), quantization, swapped)
     eos_ids = _eos_ids(model, tokenizer)

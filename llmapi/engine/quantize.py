@@ -23,6 +23,7 @@ INT4_GROUP = 32  # a GGUF Q4_0/Q4_1 block; the kernel takes 32 to 256
 INT4_ROWS = 16  # the int4pack layout packs output rows 16 at a time
 INT8_COLUMNS = 8  # the int8pack kernel reads 8 inputs at a time: other widths give wrong sums, or crash
 MODES = ("int4", "int8")
+HEAD_FP32_ROWS = 8  # SplitHead: where fp32 overtakes emulated bf16 through a real model's head
 
 
 def int4_qparams(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -83,37 +84,37 @@ class Int8Linear(torch.nn.Module):
         return self.weight.float() * self.scales.float()[:, None]
 
 
-class Fp32Head(torch.nn.Module):
-    """The output head in fp32, for a bf16 model on a CPU without native bf16 (its logits are fp32).
+class SplitHead(torch.nn.Module):
+    """The output head for a CPU without native bf16: bf16 for a few rows, fp32 from `fp32_rows` rows up.
 
     Without AVX-512 BF16 or AMX, torch emulates a bf16 matmul row by row: through SmolLM2's head (49,152 x 576),
-    2 threads, bf16 takes 3.7 ms for one row and 95 ms for 32, fp32 8.9 ms and 33 ms. Switching by the number of
-    rows would be faster still, but a row's logits would then move by bf16's rounding with the rows that share its
-    step, and greedy texts part at near-ties (docs/performance.md, 4-bit weights). The fp32 copy (113 MB) is the
-    price.
+    2 threads, bf16 takes 3.7 ms for one row and 95 ms for 32, fp32 8.9 ms and 33 ms; they cross near 8 rows
+    (docs/performance.md, 4-bit weights). The bf16 weight is the tied embedding's own; the fp32 copy is the price.
+    A row's logits then move by bf16's rounding with the number of rows in its step: bf16 texts already do (a
+    padded row's attention sums in another order), and fp32 serving (QUANTIZATION=none) keeps batched equal solo.
     """
 
-    def __init__(self, head: torch.nn.Linear) -> None:
+    def __init__(self, head: torch.nn.Linear, *, fp32_rows: int) -> None:
         super().__init__()
         self.in_features, self.out_features = head.in_features, head.out_features
-        self.weight = torch.nn.Parameter(head.weight.detach().float().clone(), requires_grad=False)
-        self.bias = None if head.bias is None else torch.nn.Parameter(head.bias.detach().float(), requires_grad=False)
+        self.fp32_rows = fp32_rows
+        self.weight = head.weight  # bf16, shared with the input embedding when the model ties them
+        self.register_buffer("weight_fp32", head.weight.detach().float().clone(), persistent=False)
+        self.bias = head.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """fp32 logits of bf16 hidden states."""
-        return torch.nn.functional.linear(x.float(), self.weight, self.bias)
+        """Logits: bf16 arithmetic for fewer than fp32_rows rows, else fp32 (returned in fp32)."""
+        if x.numel() // self.in_features < self.fp32_rows:
+            return torch.nn.functional.linear(x, self.weight, self.bias)
+        bias = None if self.bias is None else self.bias.float()
+        return torch.nn.functional.linear(x.float(), self.weight_fp32, bias)
 
 
-def fp32_head(model: Any, head: torch.nn.Module | None) -> None:
-    """Put `head` (an Fp32Head made before the model was cast to bf16) in place of the model's output head."""
-    if head is not None:
-        model.set_output_embeddings(head)
-
-
-def head_in_fp32(model: Any) -> Fp32Head | None:
-    """An Fp32Head of the model's output head, from its weights as they are now (fp32, before the bf16 cast)."""
+def split_head(model: Any, *, fp32_rows: int = HEAD_FP32_ROWS) -> None:
+    """Give a bf16 model on a CPU without native bf16 the SplitHead (in place)."""
     head = model.get_output_embeddings()
-    return Fp32Head(head) if isinstance(head, torch.nn.Linear) else None
+    if isinstance(head, torch.nn.Linear):
+        model.set_output_embeddings(SplitHead(head, fp32_rows=fp32_rows))
 
 
 def linear_weight(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
