@@ -56,7 +56,9 @@ def instrument(engine: Any) -> list[tuple[float, dict[str, float]]]:
     return steps
 
 
-def run(model: str, *, threads: int, chunk: int, seconds: float, lanes: int) -> dict[str, Any]:
+def run(
+    model: str, *, threads: int, chunk: int, seconds: float, lanes: int, quantization: str = "none"
+) -> dict[str, Any]:
     """One engine under the mixed workload for `seconds`; the streams' gaps and the slowest steps."""
     from llmapi.engine import GenerationRequest, create_engine
     from llmapi.engine import lane as lane_policy
@@ -64,7 +66,13 @@ def run(model: str, *, threads: int, chunk: int, seconds: float, lanes: int) -> 
 
     lane_policy.MAX_SHARED_LANES = lanes
     engine = create_engine(
-        model, torch_threads=threads, max_batch_size=32, prefix_cache_mb=512, prefill_chunk_tokens=chunk, dtype="auto"
+        model,
+        torch_threads=threads,
+        max_batch_size=32,
+        prefix_cache_mb=512,
+        prefill_chunk_tokens=chunk,
+        dtype="auto",
+        quantization=quantization,
     )
     long = text_of(900, model)
     steps = instrument(engine)
@@ -126,10 +134,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--chunk", type=int, default=64)
     parser.add_argument("--lanes", default="2,1", help="MAX_SHARED_LANES of each run (2: the default)")
+    parser.add_argument("--quantization", default="none", help="QUANTIZATION (int4: the real model's default)")
     args = parser.parse_args(argv)
     results = []
     for lanes in [int(n) for n in args.lanes.split(",")]:
-        figures = run(args.model, threads=args.threads, chunk=args.chunk, seconds=args.seconds, lanes=lanes)
+        figures = run(
+            args.model,
+            threads=args.threads,
+            chunk=args.chunk,
+            seconds=args.seconds,
+            lanes=lanes,
+            quantization=args.quantization,
+        )
         results.append(figures)
         print(
             f"shared lanes at most {lanes}: streams' ITL p50 {figures['itl_p50_ms']:.0f} ms, p90"

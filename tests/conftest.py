@@ -171,6 +171,17 @@ def tiny_model() -> str:
 
 
 @pytest.fixture(scope="session")
+def small_model() -> str:
+    """The offline small GPT-2 directory (124M random parameters), built once if missing (about 10 s)."""
+    path = ROOT / "models" / "small-gpt2"
+    if not (path / "config.json").exists():
+        from llmapi.build_model import build
+
+        build(path, size="small")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def real_model() -> str:
     """SmolLM2-135M-Instruct's GGUF file, which `make real-model` (run by `make test`) downloads and converts."""
     path = Path(os.environ.get("LLMAPI_REAL_MODEL", REAL_MODEL))

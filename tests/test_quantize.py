@@ -70,22 +70,15 @@ def test_int8_layer_equals_its_dequantized_reference():
 
 def tiny_llama(path: Path, tokenizer_from: str) -> str:
     """A random 2-layer Llama 64 wide (a width int4's groups divide) with the tiny model's tokenizer, at `path`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.test_families import family_config
 
     for item in Path(tokenizer_from).iterdir():
         if item.name.startswith(("tokenizer", "special_tokens")):
             shutil.copy(item, path)
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(AutoTokenizer.from_pretrained(tokenizer_from)),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        initializer_range=0.3,
-        max_position_embeddings=512,
-    )
+    config = family_config("llama", len(AutoTokenizer.from_pretrained(tokenizer_from)))
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
     return str(path)
 

@@ -104,8 +104,8 @@ def test_auto_rests_a_row_whose_drafts_keep_missing():
 
 
 @pytest.mark.parametrize("model", ["tiny", "small"])
-def test_greedy_text_equals_plain_decoding_and_drafts_are_accepted(model, tiny_model):
-    path = tiny_model if model == "tiny" else "models/small-gpt2"
+def test_greedy_text_equals_plain_decoding_and_drafts_are_accepted(model, request):
+    path = request.getfixturevalue(f"{model}_model")  # the small one is built on first use
     plain = create_engine(path, torch_threads=1)
     spec = create_engine(path, torch_threads=1, speculation="ngram", speculative_tokens=5)
     try:
