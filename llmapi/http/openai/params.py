@@ -132,6 +132,16 @@ class Unsupported(fields.Field):
         return value
 
 
+# A json_schema format's fields as the OpenAPI document shows them (response_format here, text.format in
+# /v1/responses, which adds its "type").
+JSON_SCHEMA_PROPERTIES = {
+    "name": {"type": "string", "maxLength": MAX_SCHEMA_NAME},
+    "description": {"type": "string"},
+    "schema": {"type": "object", "description": "the JSON schema the answer must validate against"},
+    "strict": {"type": "boolean", "nullable": True},
+}
+
+
 class ResponseFormatField(fields.Field):
     """response_format: text, json_object (any JSON object) or json_schema; loads as a Grammar, or None for text."""
 
@@ -140,12 +150,7 @@ class ResponseFormatField(fields.Field):
         json_schema = {
             "type": "object",
             "required": ["name"],
-            "properties": {
-                "name": {"type": "string", "maxLength": MAX_SCHEMA_NAME},
-                "description": {"type": "string"},
-                "schema": {"type": "object", "description": "the JSON schema the answer must validate against"},
-                "strict": {"type": "boolean", "nullable": True},
-            },
+            "properties": JSON_SCHEMA_PROPERTIES,
             "additionalProperties": False,
         }
         schema = {

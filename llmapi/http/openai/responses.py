@@ -24,7 +24,7 @@ from llmapi.engine.types import GenerationRequest, GenerationResult, Grammar
 from llmapi.http.answer import answer
 from llmapi.http.fields import ErrorSchema, StrictBoolean, StrictFloat, StrictInteger, is_text, schema_source
 from llmapi.http.jsonbody import Blueprint
-from llmapi.http.openai.params import MAX_SCHEMA_NAME, Unsupported
+from llmapi.http.openai.params import JSON_SCHEMA_PROPERTIES, MAX_SCHEMA_NAME, Unsupported
 from llmapi.http.openai.schemas import MAX_MESSAGES, MAX_MODEL_CHARS, MAX_TEMPERATURE, MAX_USER_CHARS
 from llmapi.http.openai.tools import MAX_TOOLS, ToolChoiceField, ToolPlan, ToolsField, call_id, plan
 from llmapi.http.sse import event_schema
@@ -188,13 +188,7 @@ class TextField(fields.Field):
         json_schema = {
             "type": "object",
             "required": ["type", "name"],
-            "properties": {
-                "type": {"type": "string", "enum": ["json_schema"]},
-                "name": {"type": "string", "maxLength": MAX_SCHEMA_NAME},
-                "description": {"type": "string"},
-                "schema": {"type": "object", "description": "the JSON schema the answer must validate against"},
-                "strict": {"type": "boolean", "nullable": True},
-            },
+            "properties": {"type": {"type": "string", "enum": ["json_schema"]}, **JSON_SCHEMA_PROPERTIES},
             "additionalProperties": False,
         }
         schema = {
