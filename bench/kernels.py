@@ -1,0 +1,104 @@
+"""Weight formats on this CPU, in one process: one layer's kernel call, and a plain decode loop over the real model.
+
+`python -m bench.kernels [--threads 2] [--steps]`: microseconds of one call of fp32, bf16, int4 and int8 layers of
+SmolLM2-135M's shapes at 1 and 32 rows (best of 5 rounds of 20 calls); with `--steps`, the median decode step of
+the real model (models/SmolLM2-135M-Instruct.Q4_1.gguf, GGUF_CACHE_DIR or models/gguf-cache) in each format at
+1, 8 and 32 rows, in the main thread (docs/performance.md, 4-bit and 8-bit weights). Run it on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from typing import Any
+
+SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)]  # (out, in): attention, k/v, MLP, head
+REAL_MODEL = "models/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def best_call_us(layer: Any, x: Any) -> float:
+    """The best of 5 rounds of 20 calls, in microseconds per call."""
+    import torch
+
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(3):
+            layer(x)
+        for _ in range(5):
+            started = time.perf_counter()
+            for _ in range(20):
+                layer(x)
+            best = min(best, (time.perf_counter() - started) / 20)
+    return best * 1e6
+
+
+def kernels() -> None:
+    """Print one call's time of each format for each shape at 1 and 32 rows."""
+    import torch
+
+    from llmapi.engine.quantize import Int4Linear, Int8Linear
+
+    print("layer (out x in)  rows  " + "  ".join(f"{name:>9}" for name in ("fp32", "bf16", "int4", "int8")) + "  (us)")
+    for out, inp in SHAPES:
+        fp32 = torch.nn.Linear(inp, out, bias=False)
+        layers = {
+            "fp32": fp32,
+            "bf16": torch.nn.Linear(inp, out, bias=False).to(torch.bfloat16),
+            "int4": Int4Linear(fp32.weight, None, group=32, dtype=torch.bfloat16),
+            "int8": Int8Linear(fp32.weight, None, dtype=torch.bfloat16),
+        }
+        for rows in (1, 32):
+            times = []
+            for name, layer in layers.items():
+                x = torch.randn(rows, inp, dtype=torch.float32 if name == "fp32" else torch.bfloat16)
+                times.append(best_call_us(layer, x))
+            print(f"{out:>6} x {inp:<6}  {rows:>4}  " + "  ".join(f"{t:>9.1f}" for t in times))
+
+
+def steps(threads: int) -> None:
+    """Print the real model's median decode step in each format at 1, 8 and 32 rows."""
+    import torch
+    from transformers import DynamicCache
+
+    from llmapi.engine.loader import load
+
+    cache_dir = os.environ.get("GGUF_CACHE_DIR", "models/gguf-cache")
+    for quantization, dtype in (("none", "float32"), ("none", "bfloat16"), ("int4", "auto"), ("int8", "auto")):
+        loaded = load(REAL_MODEL, quantization=quantization, dtype=dtype, gguf_cache_dir=cache_dir)
+        torch.set_num_threads(threads)
+        prompt = loaded.tokenizer.encode("The history of the Roman Empire is long and")
+        figures = []
+        for rows in (1, 8, 32):
+            with torch.inference_mode():
+                cache = DynamicCache()
+                out = loaded.model(input_ids=torch.tensor([prompt] * rows), past_key_values=cache, use_cache=True)
+                ids = out.logits[:, -1].argmax(-1, keepdim=True)
+                times = []
+                for _ in range(18):
+                    started = time.perf_counter()
+                    out = loaded.model(input_ids=ids, past_key_values=cache, use_cache=True)
+                    ids = out.logits[:, -1].argmax(-1, keepdim=True)
+                    times.append(time.perf_counter() - started)
+            median = sorted(times[3:])[len(times[3:]) // 2]
+            figures.append(f"{rows} rows {median * 1000:.1f} ms ({rows / median:.1f} tok/s)")
+        print(f"{quantization if quantization != 'none' else dtype:>8}: " + " | ".join(figures))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Kernels, then (with --steps) the real model's steps."""
+    import torch
+
+    parser = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", action="store_true", help="also the real model's decode step in each format")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    kernels()
+    if args.steps:
+        steps(args.threads)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
