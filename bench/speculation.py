@@ -1,7 +1,7 @@
 """Prompt-lookup speculation on a copy-heavy workload, in one process, no HTTP: the real model rewriting paragraphs.
 
 `python -m bench.speculation [--model models/SmolLM2-135M-Instruct.Q4_1.gguf] [--clients 1,8,32] [--new-tokens 64]
-[--mode ngram] [--tokens 4] [--max-rows 1]`: each of N clients sends one chat request at once ("rewrite this
+[--mode ngram] [--tokens 3] [--max-rows 1]`: each of N clients sends one chat request at once ("rewrite this
 paragraph", a paragraph of its own; a single client sends four, one after the other), greedy, exactly T new tokens
 (min_new_tokens = T, as the server benchmark asks),
 first with SPECULATION=off and then with the mode asked for, on the same engine; prints new tokens/s of each, the
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", default="1,8,32")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--mode", default="ngram", choices=("ngram", "auto"))
-    parser.add_argument("--tokens", type=int, default=4, help="SPECULATIVE_TOKENS")
+    parser.add_argument("--tokens", type=int, default=3, help="SPECULATIVE_TOKENS")
     parser.add_argument("--max-rows", type=int, default=1, help="SPECULATION_MAX_ROWS")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: every core)")
     parser.add_argument("--quantization", default="auto", help="QUANTIZATION (auto: int4 for the Q4_1 file)")

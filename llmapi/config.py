@@ -143,7 +143,7 @@ class Settings:
         doc="off, ngram (draft tokens looked up in the row's own text, verified in one pass) or auto (ngram, and a"
         " row whose drafts keep missing rests)",
     )
-    speculative_tokens: int = env("SPECULATIVE_TOKENS", 4, doc="most draft tokens a row proposes per step")
+    speculative_tokens: int = env("SPECULATIVE_TOKENS", 3, doc="most draft tokens a row proposes per step")
     speculation_ngram_max: int = env("SPECULATION_NGRAM_MAX", 3, doc="longest n-gram of a row's last tokens looked up")
     speculation_ngram_min: int = env("SPECULATION_NGRAM_MIN", 1, doc="shortest n-gram looked up")
     speculation_max_rows: int = env(

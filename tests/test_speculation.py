@@ -206,7 +206,7 @@ PARAGRAPH = (
 @pytest.mark.parametrize("quantization", ["none", "int4"])
 def test_real_model_rewrites_a_paragraph_with_the_same_text_and_accepted_drafts(real_model, quantization):
     # int4 computes in bf16, where a pass of several positions would round attention otherwise than a plain step
-    # (step.py sdpa_row_by_row): two of bench.speculation's four rewrites turned a word before each fed position
+    # (attention.py): two of bench.speculation's four rewrites turned a word before each fed position
     # attended alone.
     engine = create_engine(
         real_model, torch_threads=2, gguf_cache_dir=str(GGUF_CACHE), speculation="off", quantization=quantization,

@@ -5,36 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from llmapi.engine import attention
 from llmapi.engine.lane import Lane
-
-# The keyword a verification pass hands down to the attention function (transformers passes a forward's extra keyword
-# arguments on to it): the lane's 2-D mask when it has padding, else False, and absent in any other pass.
-ROW_BY_ROW = "llmapi_row_by_row"
-
-
-def sdpa_row_by_row(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Any, **kwargs: Any):
-    """SDPA, except in a verification pass: there each fed position attends on its own, as a decode step would.
-
-    SDPA of several query positions blocks its sums otherwise than SDPA of one: in bf16 a position's output then
-    differs by a rounding from the plain step's, and a greedy text may turn where two tokens were nearly tied.
-    Fed one at a time, each position sees the keys a plain step would, with the plain step's mask, so the verified
-    text is the plain decoding's (tests/test_speculation.py). It costs one attention call per fed position.
-    """
-    padding = kwargs.pop(ROW_BY_ROW, None)
-    width, columns = query.shape[2], key.shape[2]
-    if padding is None or width == 1:
-        return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
-    outputs = []
-    for i in range(width):
-        end = columns - width + i + 1
-        own = None if padding is False else padding[:, None, None, :end].bool()
-        keys, values = key[:, :, :end], value[:, :, :end]
-        out, _ = sdpa_attention_forward(module, query[:, :, i : i + 1], keys, values, own, **kwargs)
-        outputs.append(out)
-    return torch.cat(outputs, dim=1), None  # [rows, width, heads, head_dim], as sdpa_attention_forward returns it
 
 
 class DecodeStep:
@@ -48,10 +21,11 @@ class DecodeStep:
         # would not match their cache, which keeps only the window's columns.
         sdpa = getattr(model.config, "_attn_implementation", None) == "sdpa"
         self.bool_masks = sdpa and not getattr(model.config, "sliding_window", None)
-        # Verification feeds positions one at a time through attention where a plain step's mask is known (above).
+        # attention.py: a step's attention through the packed path, a verification's position by position, where a
+        # plain step's mask is known (above).
         self.row_by_row = self.bool_masks
         if self.row_by_row:
-            AttentionInterface.register("sdpa", sdpa_row_by_row)  # delegates to transformers' own in every other pass
+            attention.install()
 
     def __call__(self, lane: Lane) -> torch.Tensor:
         """Feed each row's last token; return the logits of the next one, [rows, vocab] in fp32 (see sampling)."""
@@ -84,7 +58,7 @@ class DecodeStep:
             position_ids=lane.positions + torch.arange(1, width + 1, device=device),
             cache=lane.cache,
             use_cache=True,
-            **({ROW_BY_ROW: lane.mask if lane.padded else False} if self.row_by_row else {}),
+            **({attention.ROW_BY_ROW: lane.mask if lane.padded else False} if self.row_by_row else {}),
         )
         lane.cache = out.cache
         return out.logits.float()
