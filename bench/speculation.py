@@ -1,8 +1,9 @@
 """Prompt-lookup speculation on a copy-heavy workload, in one process, no HTTP: the real model rewriting paragraphs.
 
 `python -m bench.speculation [--model models/SmolLM2-135M-Instruct.Q4_1.gguf] [--clients 1,8,32] [--new-tokens 64]
-[--mode ngram] [--tokens 3] [--max-rows 1]`: each of N clients sends one chat request at once ("rewrite this
-paragraph", a paragraph of its own; a single client sends four, one after the other), greedy, exactly T new tokens
+[--mode ngram] [--tokens 3] [--max-rows 1] [--ngram-max 3] [--ngram-min 2]`: each of N clients sends one chat request
+at once ("rewrite this paragraph", a paragraph of its own; a single client sends four, one after the other), greedy,
+exactly T new tokens
 (min_new_tokens = T, as the server benchmark asks),
 first with SPECULATION=off and then with the mode asked for, on the same engine; prints new tokens/s of each, the
 speed-up, the draft tokens proposed and accepted, and whether every text was the same. About two minutes on 2 cores.
@@ -114,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", default="ngram", choices=("ngram", "auto"))
     parser.add_argument("--tokens", type=int, default=3, help="SPECULATIVE_TOKENS")
     parser.add_argument("--max-rows", type=int, default=1, help="SPECULATION_MAX_ROWS")
+    parser.add_argument("--ngram-max", type=int, default=3, help="SPECULATION_NGRAM_MAX")
+    parser.add_argument("--ngram-min", type=int, default=2, help="SPECULATION_NGRAM_MIN")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: every core)")
     parser.add_argument("--quantization", default="auto", help="QUANTIZATION (auto: int4 for the Q4_1 file)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -128,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         speculation=args.mode,
         speculative_tokens=args.tokens,
         speculation_max_rows=args.max_rows,
+        speculation_ngram_max=args.ngram_max,
+        speculation_ngram_min=args.ngram_min,
     )
     try:
         burst(engine, prompts(engine, 1), 8, 1)  # warm-up

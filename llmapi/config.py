@@ -145,7 +145,7 @@ class Settings:
     )
     speculative_tokens: int = env("SPECULATIVE_TOKENS", 3, doc="most draft tokens a row proposes per step")
     speculation_ngram_max: int = env("SPECULATION_NGRAM_MAX", 3, doc="longest n-gram of a row's last tokens looked up")
-    speculation_ngram_min: int = env("SPECULATION_NGRAM_MIN", 1, doc="shortest n-gram looked up")
+    speculation_ngram_min: int = env("SPECULATION_NGRAM_MIN", 2, doc="shortest n-gram looked up")
     speculation_max_rows: int = env(
         "SPECULATION_MAX_ROWS", 1, doc="only lanes of at most this many rows speculate (more take plain steps)"
     )

@@ -26,7 +26,7 @@ class EngineConfig:
     speculation: str = "off"  # "off", "ngram" or "auto": prompt-lookup drafts verified in one pass (speculation.py)
     speculative_tokens: int = 3  # most draft tokens a row proposes per step
     speculation_ngram_max: int = 3  # longest n-gram looked up
-    speculation_ngram_min: int = 1  # shortest n-gram looked up
+    speculation_ngram_min: int = 2  # shortest n-gram looked up
     speculation_max_rows: int = 1  # lanes of more rows take plain steps
     gguf_cache_dir: str = ""  # where a GGUF MODEL_NAME is converted once (engine/from_gguf.py)
 
