@@ -121,18 +121,24 @@ def llama_source() -> Path:
 
 
 def llama_server() -> Path:
-    """The llama-server binary, built once with -DGGML_NATIVE=ON (about 10 minutes on 2 cores)."""
+    """The llama-server binary, built once for this CPU without AMX (about 10 minutes on 2 cores)."""
     source = llama_source()
-    binary = source / "build" / "bin" / "llama-server"
+    build = source / "build-noamx"
+    binary = build / "bin" / "llama-server"
     if binary.exists():
         return binary
     print("building llama.cpp's llama-server (once; ~10 min on 2 cores) ...", file=sys.stderr)
-    configure = ["cmake", "-S", str(source), "-B", str(source / "build"), "-DGGML_NATIVE=ON"]
+    # -march=native minus AMX: on a Xeon that has it (this VM's, 2026-12), llama.cpp's AMX matmul faulted at the
+    # first forward (ldtilecfg in ggml_backend_amx_mul_mat, the server killed by a signal) although a minimal AMX
+    # program ran; its AVX-512 paths (VNNI, BF16) stay. Explicit -mno-* flags win over -march=native in GCC.
+    no_amx = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+    configure = ["cmake", "-S", str(source), "-B", str(build), "-DGGML_NATIVE=ON"]
     configure += ["-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF"]
+    configure += [f"-DCMAKE_C_FLAGS={no_amx}", f"-DCMAKE_CXX_FLAGS={no_amx}"]
     run(configure, log=LLAMA_CACHE / "cmake.log")
     jobs = str(os.cpu_count() or 2)
     run(
-        ["cmake", "--build", str(source / "build"), "--target", "llama-server", "-j", jobs],
+        ["cmake", "--build", str(build), "--target", "llama-server", "-j", jobs],
         log=LLAMA_CACHE / "build.log",
     )
     return binary

@@ -45,7 +45,5 @@ def test_a_verified_position_is_the_plain_steps_to_the_bit(padded):
         plain, _ = one_position(module, query[:, :, i : i + 1], key[:, :, :end], value[:, :, :end], step_mask,
                                 scaling=DIM**-0.5)  # fmt: skip
         assert torch.equal(out[:, i : i + 1], plain)
-    # Several positions in one SDPA call round otherwise: the reason for going position by position.
-    causal = torch.ones(4, COLUMNS, dtype=torch.bool).tril(COLUMNS - 4)
-    together, _ = sdpa_attention_forward(module, query, key, value, causal[None, None], scaling=DIM**-0.5)
-    assert not torch.equal(together, out)
+    # Not asserted: whether several positions in one SDPA call round otherwise. On the AVX2 EPYC they did (the
+    # reason for going position by position), on an AVX-512 Xeon with these shapes they did not.

@@ -188,21 +188,30 @@ def test_bf16_seed_repeats_under_concurrent_load(bf16_engine):
     assert results[0].text == results[-1].text == expected
 
 
-def test_int8_quantizes_every_linear_layer_but_the_head_and_stays_close_to_fp32(tiny_model):
+def test_int8_quantizes_every_linear_layer_but_the_head_and_stays_close_to_fp32(small_model):
     from llmapi.engine.loader import load
     from llmapi.engine.quantize import Int8Linear
 
-    fp32 = load(tiny_model, dtype="float32")
-    int8 = load(tiny_model, quantization="int8")
-    kinds = {type(m).__name__ for m in int8.model.modules()}
-    # 2 wide, only the MLP's output layer (8 inputs) suits the kernel: GPT-2's Conv1D caught, the others kept
-    assert int8.dtype == "int8" and "Conv1D" in kinds
-    assert sum(isinstance(m, Int8Linear) for m in int8.model.modules()) == fp32.model.config.n_layer
+    fp32 = load(small_model, dtype="float32")
+    int8 = load(small_model, quantization="int8")
+    # GPT-2's Conv1D layers are caught: four a block (attention in and out, MLP in and out)
+    assert int8.dtype == "int8"
+    assert sum(isinstance(m, Int8Linear) for m in int8.model.modules()) == 4 * fp32.model.config.n_layer
     assert not isinstance(int8.model.get_output_embeddings(), Int8Linear)  # the head is kept (quantize.py)
     ids = torch.tensor([fp32.tokenizer.encode("Artificial Intelligence is")])
     with torch.inference_mode():
         a, b = fp32.model(input_ids=ids).logits, int8.model(input_ids=ids).logits.float()
     assert torch.allclose(a, b, atol=0.05 * float(a.abs().max()))
+
+
+def test_int8_keeps_the_layers_its_kernel_cannot_take(tiny_model):
+    from llmapi.engine.loader import load
+    from llmapi.engine.quantize import Int8Linear
+
+    # 2 wide, with an MLP of 8: no input width is a multiple of 16 (quantize.INT8_COLUMNS), so every layer stays
+    int8 = load(tiny_model, quantization="int8")
+    assert int8.dtype == "int8" and "Conv1D" in {type(m).__name__ for m in int8.model.modules()}
+    assert not any(isinstance(m, Int8Linear) for m in int8.model.modules())
     engine = create_engine(tiny_model, torch_threads=1, quantization="int8")
     assert engine.placement == {"device": "cpu", "dtype": "int8"}
     assert engine.generate(GenerationRequest(prompt="Hello", max_new_tokens=6, min_new_tokens=6)).completion_tokens == 6

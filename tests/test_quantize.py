@@ -134,13 +134,16 @@ def test_quantized_model_equals_its_dequantized_twin_and_serves(llama_path, mode
 
 @pytest.mark.parametrize("mode", ["int4", "int8"])
 def test_real_model_quantized_still_answers(real_model, mode):
-    """Where torch's dynamic int8 answered "La femme de France…", weight-only int4 and int8 say Paris."""
+    """Where torch's dynamic int8 answered "La femme de France…", weight-only int4 and int8 say Paris. (Asked without
+    "in one sentence", the first token is a near-tie, "The" 25.33 against "L" 25.24 in fp32, which int4 on an
+    AVX-512 CPU rounded into "L'Étoile": a test of the quantization needs a question the model is sure of.)"""
     from tests.conftest import GGUF_CACHE
 
     engine = create_engine(real_model, quantization=mode, gguf_cache_dir=str(GGUF_CACHE), torch_threads=2)
     try:
         assert engine.placement["dtype"] == mode
-        prompt = engine.render_chat([{"role": "user", "content": "What is the capital of France?"}])
+        question = "What is the capital of France? Answer in one sentence."
+        prompt = engine.render_chat([{"role": "user", "content": question}])
         done = engine.generate(GenerationRequest(prompt=prompt, max_new_tokens=12))
         assert "Paris" in done.text
     finally:

@@ -92,10 +92,11 @@ def test_real_streamed_chat_equals_the_unstreamed_one(client):
 
 
 def test_real_batched_greedy_equals_solo(start_server, real_model):
-    """In fp32 (QUANTIZATION=none) a row's text does not depend on its company. In bf16 (the default int4 serves
+    """In fp32 (DTYPE=float32) a row's text does not depend on its company. In bf16 (the default int4 serves
     the file's 4-bit weights with bf16 activations) a padded row's attention sums in another order and may part at
     a near-tie, as transformers' own batched bf16 does (docs/performance.md, 4-bit weights)."""
-    fp32 = start_server(**real_env(real_model, QUANTIZATION="none"))
+    # DTYPE too: where bf16 is native, QUANTIZATION=none alone serves bf16.
+    fp32 = start_server(**real_env(real_model, QUANTIZATION="none", DTYPE="float32"))
 
     def greedy(prompt: str) -> str:
         reply = fp32.post("/generate", {"prompt": prompt, "max_new_tokens": 24, "min_new_tokens": 24})
@@ -139,11 +140,12 @@ def reference_logprobs(folder: str, text: str) -> tuple[list[int], list[float]]:
 
 
 def test_real_prompt_logprobs_equal_transformers_and_give_a_sane_perplexity(real_server, start_server, real_model):
-    """QUANTIZATION=none serves the fp32 conversion: its scores equal transformers'; the default (int4, the file's
-    own 4-bit weights) scores the same text within a small perplexity of it."""
+    """fp32 (QUANTIZATION=none, DTYPE=float32) serves the conversion as it is: its scores equal transformers'; the
+    default (int4, the file's own 4-bit weights) scores the same text within a small perplexity of it."""
     folder = next(path for path in GGUF_CACHE.glob(f"{Path(real_model).stem}-*-float32") if gguf.is_complete(path))
     ids, expected = reference_logprobs(str(folder), PARAGRAPH)
-    fp32 = start_server(**real_env(real_model, QUANTIZATION="none"))
+    # DTYPE too: where bf16 is native, QUANTIZATION=none alone serves bf16.
+    fp32 = start_server(**real_env(real_model, QUANTIZATION="none", DTYPE="float32"))
     perplexities = {}
     for name, url in (("none", fp32.url), ("auto", real_server.url)):
         with openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120) as scorer:

@@ -6,7 +6,7 @@ those bytes and doubles the matmul rate. A model far smaller than that is all pe
 benchmark model: 100K parameters, 50,257 logits), and bf16's casts make it slower: it stays fp32, as it does on
 a CPU without native bf16, where torch would emulate it. On a GPU the checkpoint's own half-precision dtype is
 used (an fp32 checkpoint gets bf16 where the GPU computes it). The logits are upcast to fp32 before sampling
-whatever the model computes in (see batching.Engine._choose).
+whatever the model computes in (step.py `DecodeStep`).
 """
 
 from __future__ import annotations

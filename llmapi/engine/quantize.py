@@ -21,7 +21,9 @@ import torch
 
 INT4_GROUP = 32  # a GGUF Q4_0/Q4_1 block; the kernel takes 32 to 256
 INT4_ROWS = 16  # the int4pack layout packs output rows 16 at a time
-INT8_COLUMNS = 8  # the int8pack kernel reads 8 inputs at a time: other widths give wrong sums, or crash
+# The int8pack kernel reads 8 inputs at a time with AVX2 and 16 with AVX-512: other widths give wrong sums, or crash
+# (a width of 8, 24 or 40 killed the process on an AVX-512 Xeon).
+INT8_COLUMNS = 16
 MODES = ("int4", "int8")
 INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default
 INT8_MM = torch.ops.aten._weight_int8pack_mm.default
