@@ -1,9 +1,11 @@
 """Weight formats on this CPU, in one process: one layer's kernel call, and a plain decode loop over the real model.
 
-`python -m bench.kernels [--threads 2] [--steps]`: microseconds of one call of fp32, bf16, int4 and int8 layers of
-SmolLM2-135M's shapes at 1 and 32 rows (best of 5 rounds of 20 calls); with `--steps`, the median decode step of
-the real model (models/SmolLM2-135M-Instruct.Q4_1.gguf, GGUF_CACHE_DIR or models/gguf-cache) in each format at
-1, 8 and 32 rows, in the main thread (docs/performance.md, 4-bit and 8-bit weights). Run it on a quiet machine.
+`python -m bench.kernels [--threads 2] [--steps | --profile]`: microseconds of one call of fp32, bf16, int4 and
+int8 layers of SmolLM2-135M's shapes at 1 and 32 rows (best of 5 rounds of 20 calls); with `--steps`, the median
+decode step of the real model (models/SmolLM2-135M-Instruct.Q4_1.gguf, GGUF_CACHE_DIR or models/gguf-cache) in each
+format at 1, 8 and 32 rows, in the main thread; with `--profile`, only the torch profiler's view of the int4
+one-row step as the engine runs it (its attention path installed): operators per step, their time, the heaviest
+(docs/performance.md, 4-bit and 8-bit weights). Run it on a quiet machine.
 """
 
 from __future__ import annotations
@@ -85,6 +87,54 @@ def steps(threads: int) -> None:
         print(f"{quantization if quantization != 'none' else dtype:>8}: " + " | ".join(figures))
 
 
+def profile(threads: int, steps_profiled: int = 10) -> None:
+    """Print where the int4 model's one-row decode step goes: its operators' own time against the step's wall time."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from transformers import DynamicCache
+
+    from llmapi.engine import attention
+    from llmapi.engine.loader import load
+
+    attention.install()  # the packed path a served step takes
+    loaded = load(REAL_MODEL, quantization="int4", gguf_cache_dir=os.environ.get("GGUF_CACHE_DIR", "models/gguf-cache"))
+    torch.set_num_threads(threads)
+    with torch.inference_mode():
+        cache = DynamicCache()
+        prompt = loaded.tokenizer.encode("The history of the Roman Empire is long and")
+        out = loaded.model(input_ids=torch.tensor([prompt]), past_key_values=cache, use_cache=True)
+        ids = out.logits[:, -1].argmax(-1, keepdim=True)
+
+        def step() -> None:
+            nonlocal ids
+            ids = (
+                loaded.model(input_ids=ids, past_key_values=cache, use_cache=True)
+                .logits[:, -1]
+                .argmax(-1, keepdim=True)
+            )
+
+        times = []
+        for _ in range(15):
+            started = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - started)
+        plain = sorted(times[5:])[len(times[5:]) // 2]
+        with torch.profiler.profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps_profiled):
+                step()
+    events = prof.key_averages()
+    calls = sum(e.count for e in events) / steps_profiled
+    own = sum(e.self_cpu_time_total for e in events) / steps_profiled / 1000
+    print(
+        f"int4, one row: a step {plain * 1000:.1f} ms unprofiled; {calls:.0f} operators a step, {own:.1f} ms of their"
+    )
+    print("own time under the profiler (which adds its own per call); the heaviest, per step:")
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]:
+        each = e.self_cpu_time_total / max(e.count, 1)
+        per_step = e.self_cpu_time_total / steps_profiled / 1000
+        print(f"  {e.key:<40} {e.count / steps_profiled:>6.0f} calls  {per_step:>6.2f} ms  ({each:.1f} us each)")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Kernels, then (with --steps) the real model's steps."""
     import torch
@@ -92,8 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", action="store_true", help="also the real model's decode step in each format")
+    parser.add_argument("--profile", action="store_true", help="only the profile of the int4 one-row step")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.profile:
+        profile(args.threads)
+        return 0
     kernels()
     if args.steps:
         steps(args.threads)
