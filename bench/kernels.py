@@ -58,31 +58,58 @@ def kernels() -> None:
             print(f"{out:>6} x {inp:<6}  {rows:>4}  " + "  ".join(f"{t:>9.1f}" for t in times))
 
 
-def steps(threads: int) -> None:
-    """Print the real model's median decode step in each format at 1, 8 and 32 rows."""
-    import torch
-    from transformers import DynamicCache
+PROMPT = "The history of the Roman Empire is long and"
 
+
+def load_real(quantization: str, dtype: str = "auto") -> Any:
+    """The real model in one format, from the GGUF cache (GGUF_CACHE_DIR or models/gguf-cache)."""
     from llmapi.engine.loader import load
 
     cache_dir = os.environ.get("GGUF_CACHE_DIR", "models/gguf-cache")
+    return load(REAL_MODEL, quantization=quantization, dtype=dtype, gguf_cache_dir=cache_dir)
+
+
+def decoder(loaded: Any, rows: int) -> Any:
+    """Prefill PROMPT in `rows` rows; return a function that makes one greedy decode step of them."""
+    import torch
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    with torch.inference_mode():
+        prompt = torch.tensor([loaded.tokenizer.encode(PROMPT)] * rows)
+        out = loaded.model(input_ids=prompt, past_key_values=cache, use_cache=True)
+    ids = out.logits[:, -1].argmax(-1, keepdim=True)
+
+    def step() -> None:
+        nonlocal ids
+        with torch.inference_mode():
+            out = loaded.model(input_ids=ids, past_key_values=cache, use_cache=True)
+        ids = out.logits[:, -1].argmax(-1, keepdim=True)
+
+    return step
+
+
+def median_s(step: Any, count: int, skip: int) -> float:
+    """The median seconds of `count` calls of `step`, the first `skip` left out."""
+    times = []
+    for _ in range(count):
+        started = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - started)
+    kept = sorted(times[skip:])
+    return kept[len(kept) // 2]
+
+
+def steps(threads: int) -> None:
+    """Print the real model's median decode step in each format at 1, 8 and 32 rows."""
+    import torch
+
     for quantization, dtype in (("none", "float32"), ("none", "bfloat16"), ("int4", "auto"), ("int8", "auto")):
-        loaded = load(REAL_MODEL, quantization=quantization, dtype=dtype, gguf_cache_dir=cache_dir)
+        loaded = load_real(quantization, dtype)
         torch.set_num_threads(threads)
-        prompt = loaded.tokenizer.encode("The history of the Roman Empire is long and")
         figures = []
         for rows in (1, 8, 32):
-            with torch.inference_mode():
-                cache = DynamicCache()
-                out = loaded.model(input_ids=torch.tensor([prompt] * rows), past_key_values=cache, use_cache=True)
-                ids = out.logits[:, -1].argmax(-1, keepdim=True)
-                times = []
-                for _ in range(18):
-                    started = time.perf_counter()
-                    out = loaded.model(input_ids=ids, past_key_values=cache, use_cache=True)
-                    ids = out.logits[:, -1].argmax(-1, keepdim=True)
-                    times.append(time.perf_counter() - started)
-            median = sorted(times[3:])[len(times[3:]) // 2]
+            median = median_s(decoder(loaded, rows), 18, 3)
             figures.append(f"{rows} rows {median * 1000:.1f} ms ({rows / median:.1f} tok/s)")
         print(f"{quantization if quantization != 'none' else dtype:>8}: " + " | ".join(figures))
 
@@ -91,37 +118,17 @@ def profile(threads: int, steps_profiled: int = 10) -> None:
     """Print where the int4 model's one-row decode step goes: its operators' own time against the step's wall time."""
     import torch
     from torch.profiler import ProfilerActivity
-    from transformers import DynamicCache
 
     from llmapi.engine import attention
-    from llmapi.engine.loader import load
 
     attention.install()  # the packed path a served step takes
-    loaded = load(REAL_MODEL, quantization="int4", gguf_cache_dir=os.environ.get("GGUF_CACHE_DIR", "models/gguf-cache"))
+    loaded = load_real("int4")
     torch.set_num_threads(threads)
-    with torch.inference_mode():
-        cache = DynamicCache()
-        prompt = loaded.tokenizer.encode("The history of the Roman Empire is long and")
-        out = loaded.model(input_ids=torch.tensor([prompt]), past_key_values=cache, use_cache=True)
-        ids = out.logits[:, -1].argmax(-1, keepdim=True)
-
-        def step() -> None:
-            nonlocal ids
-            ids = (
-                loaded.model(input_ids=ids, past_key_values=cache, use_cache=True)
-                .logits[:, -1]
-                .argmax(-1, keepdim=True)
-            )
-
-        times = []
-        for _ in range(15):
-            started = time.perf_counter()
+    step = decoder(loaded, 1)
+    plain = median_s(step, 15, 5)
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps_profiled):
             step()
-            times.append(time.perf_counter() - started)
-        plain = sorted(times[5:])[len(times[5:]) // 2]
-        with torch.profiler.profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(steps_profiled):
-                step()
     events = prof.key_averages()
     calls = sum(e.count for e in events) / steps_profiled
     own = sum(e.self_cpu_time_total for e in events) / steps_profiled / 1000

@@ -23,8 +23,7 @@ class DecodeStep:
         self.bool_masks = sdpa and not getattr(model.config, "sliding_window", None)
         # attention.py: a step's attention through the packed path, a verification's position by position, where a
         # plain step's mask is known (above).
-        self.row_by_row = self.bool_masks
-        if self.row_by_row:
+        if self.bool_masks:
             attention.install()
 
     def __call__(self, lane: Lane) -> torch.Tensor:
@@ -58,7 +57,7 @@ class DecodeStep:
             position_ids=lane.positions + torch.arange(1, width + 1, device=device),
             cache=lane.cache,
             use_cache=True,
-            **({attention.ROW_BY_ROW: lane.mask if lane.padded else False} if self.row_by_row else {}),
+            **({attention.ROW_BY_ROW: lane.mask if lane.padded else False} if self.bool_masks else {}),
         )
         lane.cache = out.cache
         return out.logits.float()
