@@ -3,8 +3,9 @@
 `python -m bench.kernels [--threads 2] [--steps | --profile]`: microseconds of one call of fp32, bf16, int4 and
 int8 layers of SmolLM2-135M's shapes at 1 and 32 rows (best of 5 rounds of 20 calls); with `--steps`, the median
 decode step of the real model (models/SmolLM2-135M-Instruct.Q4_1.gguf, GGUF_CACHE_DIR or models/gguf-cache) in each
-format at 1, 8 and 32 rows, in the main thread; with `--profile`, only the torch profiler's view of the int4
-one-row step as the engine runs it (its attention path installed): operators per step, their time, the heaviest
+format at 1, 8 and 32 rows, in the main thread, through the engine's DecodeStep: its lean pass (engine/lean.py), then
+transformers' forward; with `--profile`, only the torch profiler's view of the int4 one-row step as the engine runs
+it (the lean pass): operators per step, their time, the heaviest
 (docs/performance.md, 4-bit and 8-bit weights). Run it on a quiet machine.
 """
 
@@ -69,24 +70,32 @@ def load_real(quantization: str, dtype: str = "auto") -> Any:
     return load(REAL_MODEL, quantization=quantization, dtype=dtype, gguf_cache_dir=cache_dir)
 
 
-def decoder(loaded: Any, rows: int) -> Any:
-    """Prefill PROMPT in `rows` rows; return a function that makes one greedy decode step of them."""
+def decoder(loaded: Any, rows: int, lean: bool = True) -> Any:
+    """Prefill PROMPT in `rows` rows; return a function that makes one greedy decode step of them through the engine's
+    DecodeStep: its lean pass (engine/lean.py) where the model has one and `lean`, else transformers' forward."""
+    from types import SimpleNamespace
+
     import torch
     from transformers import DynamicCache
 
-    cache = DynamicCache()
+    from llmapi.engine.lane import Lane
+    from llmapi.engine.step import DecodeStep
+
+    step = DecodeStep(loaded.model)
+    if not lean:
+        step.lean = None
     with torch.inference_mode():
         prompt = torch.tensor([loaded.tokenizer.encode(PROMPT)] * rows)
-        out = loaded.model(input_ids=prompt, past_key_values=cache, use_cache=True)
-    ids = out.logits[:, -1].argmax(-1, keepdim=True)
+        out = loaded.model(input_ids=prompt, cache=DynamicCache(), use_cache=True)
+    positions = torch.full((rows, 1), prompt.shape[1] - 1)
+    lane = Lane([SimpleNamespace(solo=False)] * rows, out.cache, torch.ones_like(prompt), positions, False)
+    lane.next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
 
-    def step() -> None:
-        nonlocal ids
+    def one() -> None:
         with torch.inference_mode():
-            out = loaded.model(input_ids=ids, past_key_values=cache, use_cache=True)
-        ids = out.logits[:, -1].argmax(-1, keepdim=True)
+            lane.next_ids = step(lane).argmax(-1, keepdim=True)
 
-    return step
+    return one
 
 
 def median_s(step: Any, count: int, skip: int) -> float:
@@ -101,17 +110,19 @@ def median_s(step: Any, count: int, skip: int) -> float:
 
 
 def steps(threads: int) -> None:
-    """Print the real model's median decode step in each format at 1, 8 and 32 rows."""
+    """Print the real model's median decode step in each format at 1, 8 and 32 rows, lean and through transformers."""
     import torch
 
     for quantization, dtype in (("none", "float32"), ("none", "bfloat16"), ("int4", "auto"), ("int8", "auto")):
         loaded = load_real(quantization, dtype)
         torch.set_num_threads(threads)
-        figures = []
-        for rows in (1, 8, 32):
-            median = median_s(decoder(loaded, rows), 18, 3)
-            figures.append(f"{rows} rows {median * 1000:.1f} ms ({rows / median:.1f} tok/s)")
-        print(f"{quantization if quantization != 'none' else dtype:>8}: " + " | ".join(figures))
+        for lean in (True, False):
+            figures = []
+            for rows in (1, 8, 32):
+                median = median_s(decoder(loaded, rows, lean), 18, 3)
+                figures.append(f"{rows} rows {median * 1000:.1f} ms ({rows / median:.1f} tok/s)")
+            name = quantization if quantization != "none" else dtype
+            print(f"{name:>8} {'lean' if lean else 'transformers':>12}: " + " | ".join(figures))
 
 
 def profile(threads: int, steps_profiled: int = 10) -> None:
@@ -119,9 +130,6 @@ def profile(threads: int, steps_profiled: int = 10) -> None:
     import torch
     from torch.profiler import ProfilerActivity
 
-    from llmapi.engine import attention
-
-    attention.install()  # the packed path a served step takes
     loaded = load_real("int4")
     torch.set_num_threads(threads)
     step = decoder(loaded, 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -220,3 +221,34 @@ def test_split_head_takes_bf16_for_few_rows_and_fp32_for_many():
     assert out_few.dtype == torch.bfloat16 and out_many.dtype == torch.float32  # 3 rows, then 10
     assert torch.allclose(out_few.float(), few.float() @ reference.t(), atol=0.05, rtol=0.02)
     assert torch.allclose(out_many, many.float() @ reference.t(), atol=1e-4, rtol=1e-4)
+
+
+def q8_0_weight(rows: int, columns: int) -> torch.Tensor:
+    """A weight as a Q8_0 GGUF stores it: per block of 32, an fp16 scale d (the block's largest |w| over 127) times
+    q in -127..127 (written apart from quantize.py)."""
+    torch.manual_seed(5)
+    blocks = torch.randn(rows, columns // 32, 32)
+    scale = (blocks.abs().amax(-1, keepdim=True) / 127).half().float()
+    return (torch.round(blocks / scale).clamp(-127, 127) * scale).reshape(rows, columns)
+
+
+def test_q8_head_computes_the_8_bit_blocks_for_one_row_and_wraps_the_head_for_more():
+    from llmapi.engine.quantize import Q8Head, q8_head
+
+    weight = q8_0_weight(1024, 128)
+    linear = torch.nn.Linear(128, 1024, bias=False)
+    linear.weight.data = weight.clone()
+    head = Q8Head(weight, linear.to(torch.bfloat16), dtype=torch.bfloat16, rows=1)
+    # The two 4-bit calls hold the blocks' own q: only each block's scale (in bf16) and bf16 outputs round.
+    assert torch.allclose(head.dequantized(), weight, rtol=0.02, atol=1e-3)
+    one = torch.randn(1, 4, 128).to(torch.bfloat16)  # a verification of one row's 4 positions
+    exact = one.float() @ weight.t()
+    out = head(one).float()
+    assert float((out - exact).abs().max()) < 0.01 * float(exact.abs().max())
+    for i in range(4):  # each position as a plain step of it alone computes it: the same bits
+        assert torch.equal(head(one[:, i : i + 1]), head(one)[:, i : i + 1])
+    two = torch.randn(2, 1, 128).to(torch.bfloat16)
+    assert torch.equal(head(two), linear(two))  # two rows: the wrapped head
+    model = SimpleNamespace(head=torch.nn.Linear(64, 100, bias=True))
+    model.get_output_embeddings = lambda: model.head
+    assert not q8_head(model)  # a bias: kept as it is (and 100 outputs are not a multiple of 16)

@@ -56,4 +56,7 @@ def start_engine(config: EngineConfig):  # -> llmapi.engine.engine.Engine, or th
         from llmapi.engine.simple import SimpleEngine
 
         return SimpleEngine(loaded)
-    return Engine(loaded, config)
+    # Built on a thread that ends, as the load is: the lean pass joins int4 layers and probes them (lean.py), and a
+    # parallel operation on this thread would leave it an OpenMP team beside the engine thread's (loader.py), which
+    # made the one-row step twice as long.
+    return on_a_thread_of_its_own(Engine, loaded, config)

@@ -153,7 +153,7 @@ def load(
     from llmapi.cpus import native_bf16
     from llmapi.engine.from_gguf import is_gguf
     from llmapi.engine.precision import count_parameters, own_tensors, place
-    from llmapi.engine.quantize import quantize_weights, split_head
+    from llmapi.engine.quantize import q8_head, quantize_weights, split_head
 
     # Progress bars and length warnings go to the server log for every load; our own log says enough.
     hf_logging.set_verbosity_error()
@@ -188,6 +188,8 @@ def load(
     fuse_tanh_gelu(model)
     if quantization != "none":
         swapped = quantize_weights(model, quantization, dtype=placement.torch_dtype)
+        if quantization == "int4":  # the head at 8 bits for a lane of one row, a Q8_0 GGUF's own (quantize.py)
+            q8_head(model, dtype=placement.torch_dtype)
         model.to(placement.torch_dtype)  # the rest (embedding, norms, head) computes in bf16 beside them
         if not native_bf16():  # torch emulates bf16 here: many rows through the head go faster in fp32
             split_head(model)

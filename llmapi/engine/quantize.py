@@ -21,6 +21,7 @@ import torch
 
 INT4_GROUP = 32  # a GGUF Q4_0/Q4_1 block; the kernel takes 32 to 256
 INT4_ROWS = 16  # the int4pack layout packs output rows 16 at a time
+INT4_JOIN_ROWS = 64  # ... in blocks of 64 on an AVX-512 CPU: Int4Linear.joined slices the packed weight at these
 # The int8pack kernel reads 8 inputs at a time with AVX2 and 16 with AVX-512: other widths give wrong sums, or crash
 # (a width of 8, 24 or 40 killed the process on an AVX-512 Xeon).
 INT8_COLUMNS = 16
@@ -28,6 +29,7 @@ MODES = ("int4", "int8")
 INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default
 INT8_MM = torch.ops.aten._weight_int8pack_mm.default
 HEAD_FP32_ROWS = 8  # SplitHead: where fp32 overtakes emulated bf16 through a real model's head
+Q8_HEAD_ROWS = 1  # Q8Head: lanes of at most this many rows take the 8-bit head (two int4 calls cost more beyond)
 
 
 def int4_qparams(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -52,6 +54,42 @@ class Int4Linear(torch.nn.Module):
         # [K / group, N, 2]: each group's scale and zero, the kernel's layout
         self.register_buffer("scales_zeros", torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(dtype))
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+
+    @classmethod
+    def joined(cls, parts: list[Int4Linear]) -> Int4Linear | None:
+        """One layer computing every part's outputs side by side (lean.py), the parts then reading views of its weight;
+        None where the kernel's layout does not allow it.
+
+        The int4pack layout packs output rows in blocks (64 on an AVX-512 CPU): where every part's count is a multiple
+        of INT4_JOIN_ROWS, the joined weight is the parts' packed rows one after another and each part's is a
+        contiguous slice of it, held once. A probe checks the joined outputs against the parts' before anything is
+        shared, in case another CPU's kernel blocks otherwise.
+        """
+        if len({part.group for part in parts}) != 1 or any(part.out_features % INT4_JOIN_ROWS for part in parts):
+            return None
+        layer = cls.__new__(cls)
+        torch.nn.Module.__init__(layer)
+        layer.in_features, layer.group = parts[0].in_features, parts[0].group
+        layer.out_features = sum(part.out_features for part in parts)
+        layer.register_buffer("packed", torch.cat([part.packed for part in parts]))
+        layer.register_buffer("scales_zeros", torch.cat([part.scales_zeros for part in parts], dim=1))
+        layer.bias = None
+        if any(part.bias is not None for part in parts):
+            biases = [
+                part.scales_zeros.new_zeros(part.out_features) if part.bias is None else part.bias for part in parts
+            ]
+            layer.bias = torch.nn.Parameter(torch.cat(biases), requires_grad=False)
+        probe = torch.randn((3, layer.in_features), generator=torch.Generator().manual_seed(0)).to(
+            layer.scales_zeros.dtype
+        )
+        with torch.inference_mode():
+            if not torch.equal(layer(probe), torch.cat([part(probe) for part in parts], dim=-1)):
+                return None
+        start = 0
+        for part in parts:
+            part.packed = layer.packed[start : start + part.out_features]
+            start += part.out_features
+        return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W.T (+ bias), W read 4 bits at a time."""
@@ -123,10 +161,72 @@ class SplitHead(torch.nn.Module):
         return torch.nn.functional.linear(x.float(), self.weight_fp32, bias)
 
 
-def split_head(model: Any, *, fp32_rows: int = HEAD_FP32_ROWS) -> None:
-    """Give a bf16 model on a CPU without native bf16 the SplitHead (in place)."""
+class Q8Head(torch.nn.Module):
+    """The output head at 8 bits in groups of 32 (a GGUF Q8_0 block: w = d * q, q in -127..127) for a lane of few
+    rows, and the head it wraps for more.
+
+    torch has no grouped 8-bit kernel, but q = 16 * hi + lo with hi in -8..7 and lo in 0..15, so x @ W.T is the sum of
+    two calls of the grouped 4-bit kernel: hi with scale 16d, lo with scale d (zero 8d, as the int4 layout counts q
+    from 8). Read from fp32 weights dequantized from a Q8_0 GGUF, d and q come back exactly: the file's own head.
+    SmolLM2's head (49,152 x 576), one row inside a decode step: 2.1 ms against 3.6 for bf16's (the bf16 weight is
+    twice the bytes); from two rows on the two calls cost more than bf16's one (docs/performance.md, a lean step).
+    The choice goes by the first dimension, a lane's rows, so that a verification (speculation.py) of a lane's
+    positions takes the same head as the lane's plain steps; the kernel computes each row on its own.
+    """
+
+    def __init__(self, weight: torch.Tensor, fallback: torch.nn.Module, *, dtype: torch.dtype, rows: int) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.rows = rows
+        self.fallback = fallback
+        groups = weight.float().reshape(self.out_features, -1, INT4_GROUP)
+        scale = groups.abs().amax(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / 127
+        q = (groups / scale).round().clamp(-127, 127).to(torch.int32)
+        high = torch.div(q + 128, 16, rounding_mode="floor")  # hi + 8, in 0..15
+        low = q + 128 - 16 * high  # lo, in 0..15
+        for name, part, part_scale, zero in (("high", high, 16 * scale, 0 * scale), ("low", low, scale, 8 * scale)):
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(part.reshape(self.out_features, -1), 1)
+            self.register_buffer(f"{name}_packed", packed)
+            scales_zeros = torch.cat([part_scale, zero], -1).transpose(0, 1).contiguous().to(dtype)
+            self.register_buffer(f"{name}_scales_zeros", scales_zeros)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits: the 8-bit head for at most `rows` rows (x's first dimension), else the wrapped head's."""
+        if x.shape[0] > self.rows:
+            return self.fallback(x)
+        buffers = self._buffers
+        flat = x.reshape(-1, self.in_features)
+        if flat.dtype != buffers["low_scales_zeros"].dtype:
+            flat = flat.to(buffers["low_scales_zeros"].dtype)
+        high = INT4_MM(flat, buffers["high_packed"], INT4_GROUP, buffers["high_scales_zeros"])
+        low = INT4_MM(flat, buffers["low_packed"], INT4_GROUP, buffers["low_scales_zeros"])
+        return (high + low).view(*x.shape[:-1], self.out_features)
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight as the two kernel calls see it, [N, K] in fp32."""
+        eye = torch.eye(self.in_features, dtype=self.low_scales_zeros.dtype)
+        high = INT4_MM(eye, self.high_packed, INT4_GROUP, self.high_scales_zeros).float()
+        return (high + INT4_MM(eye, self.low_packed, INT4_GROUP, self.low_scales_zeros).float()).t()
+
+
+def q8_head(model: Any, *, dtype: torch.dtype = torch.bfloat16, rows: int = Q8_HEAD_ROWS) -> bool:
+    """Give an int4 model the Q8Head (in place, from its fp32 head); False where the head's shape does not allow it."""
     head = model.get_output_embeddings()
-    if isinstance(head, torch.nn.Linear):
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None:
+        return False
+    if head.in_features % INT4_GROUP or head.out_features % INT4_ROWS:
+        return False
+    model.set_output_embeddings(Q8Head(head.weight.detach(), head, dtype=dtype, rows=rows))
+    return True
+
+
+def split_head(model: Any, *, fp32_rows: int = HEAD_FP32_ROWS) -> None:
+    """Give a bf16 model on a CPU without native bf16 the SplitHead (in place; behind a Q8Head, as its head for more
+    rows)."""
+    head = model.get_output_embeddings()
+    if isinstance(head, Q8Head) and isinstance(head.fallback, torch.nn.Linear):
+        head.fallback = SplitHead(head.fallback, fp32_rows=fp32_rows)
+    elif isinstance(head, torch.nn.Linear):
         model.set_output_embeddings(SplitHead(head, fp32_rows=fp32_rows))
 
 

@@ -8,6 +8,7 @@ import torch
 
 from llmapi.engine import attention
 from llmapi.engine.lane import Lane
+from llmapi.engine.lean import LeanDecoder
 
 
 class DecodeStep:
@@ -25,11 +26,16 @@ class DecodeStep:
         # plain step's mask is known (above).
         if self.bool_masks:
             attention.install()
+        # lean.py: the same computation without transformers' per-module overhead, for Llama-shaped models.
+        self.lean = LeanDecoder.build(model) if self.bool_masks else None
 
     def __call__(self, lane: Lane) -> torch.Tensor:
         """Feed each row's last token; return the logits of the next one, [rows, vocab] in fp32 (see sampling)."""
         lane.mask = torch.cat([lane.mask, lane.mask.new_ones((len(lane.rows), 1))], dim=-1)
         lane.positions = lane.positions + 1
+        if self.lean is not None and self.lean.usable(lane.cache):
+            logits = self.lean(lane.next_ids, lane.positions, lane.cache, lane.mask if lane.padded else None)
+            return logits[:, -1, :].float()
         out = self.model(
             input_ids=lane.next_ids,
             attention_mask=self.mask(lane),
@@ -49,12 +55,16 @@ class DecodeStep:
         ids = [[token, *draft, *[token] * (width - 1 - len(draft))] for token, draft in zip(last, drafts)]
         device = lane.mask.device
         lane.mask = torch.cat([lane.mask, lane.mask.new_ones((len(lane.rows), width))], dim=-1)
+        fed = torch.tensor(ids, dtype=torch.long, device=device)
+        positions = lane.positions + torch.arange(1, width + 1, device=device)
+        if self.lean is not None and self.lean.usable(lane.cache):
+            return self.lean(fed, positions, lane.cache, lane.mask if lane.padded else None).float()
         out = self.model(
-            input_ids=torch.tensor(ids, dtype=torch.long, device=device),
+            input_ids=fed,
             # Several new positions need a causal mask among them: transformers builds it from the 2-D mask (or,
             # with no padding, from the cache's length alone).
             attention_mask=lane.mask if lane.padded else None,
-            position_ids=lane.positions + torch.arange(1, width + 1, device=device),
+            position_ids=positions,
             cache=lane.cache,
             use_cache=True,
             **({attention.ROW_BY_ROW: lane.mask if lane.padded else False} if self.bool_masks else {}),
