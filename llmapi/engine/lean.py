@@ -92,7 +92,6 @@ class LeanDecoder:
         self.rotary = inner.rotary_emb
         self.norm = inner.norm.weight
         self.head = model.get_output_embeddings().forward
-        self.act = F.silu if config.hidden_act == "silu" else inner.layers[0].mlp.act_fn
         self.layers = [
             Layer(
                 norm_in=layer.input_layernorm.weight,
@@ -152,7 +151,7 @@ class LeanDecoder:
             x = x + layer.o(self.attend(query, held.keys, held.values, masks, layer.scaling))
             h = rms_norm(x, layer.norm_post, self.eps)
             gate, up = layer.gate_up(h).chunk(2, dim=-1)
-            x = x + layer.down(self.act(gate) * up)
+            x = x + layer.down(F.silu(gate) * up)  # build() takes only SiLU MLPs
         return self.head(rms_norm(x, self.norm, self.eps).view(rows, width, -1))
 
     def masks(self, mask: torch.Tensor | None, rows: int, width: int, columns: int) -> list[torch.Tensor | None]:

@@ -10,7 +10,8 @@ int4 is asymmetric in groups of 32 along each row: w = (q - 8) * scale + zero, q
 Q4_1 block (w = d * q + m, so scale = d and zero = m + 8d). A weight dequantized from Q4_1 holds its block's min and
 max, so quantizing it again by min and max finds the very same 4-bit values: a Q4_1 GGUF is served with its own
 weights. The output head (tied to the token embedding in most small models) stays in the compute dtype: one
-per-channel int8 head turned SmolLM2's "Paris" into "L'Étoile" (docs/performance.md).
+per-channel int8 head turned SmolLM2's "Paris" into "L'Étoile" (docs/performance.md). Under int4 a lane of one row
+reads it at 8 bits in groups of 32 instead (Q8Head: a Q8_0 GGUF's own head), through two calls of the 4-bit kernel.
 """
 
 from __future__ import annotations
