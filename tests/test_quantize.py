@@ -238,7 +238,7 @@ def test_q8_head_computes_the_8_bit_blocks_for_one_row_and_wraps_the_head_for_mo
     weight = q8_0_weight(1024, 128)
     linear = torch.nn.Linear(128, 1024, bias=False)
     linear.weight.data = weight.clone()
-    head = Q8Head(weight, linear.to(torch.bfloat16), dtype=torch.bfloat16, rows=1)
+    head = Q8Head(weight, linear.to(torch.bfloat16), dtype=torch.bfloat16, rows=1, positions=4)
     # The two 4-bit calls hold the blocks' own q: only each block's scale (in bf16) and bf16 outputs round.
     assert torch.allclose(head.dequantized(), weight, rtol=0.02, atol=1e-3)
     one = torch.randn(1, 4, 128).to(torch.bfloat16)  # a verification of one row's 4 positions
@@ -249,6 +249,15 @@ def test_q8_head_computes_the_8_bit_blocks_for_one_row_and_wraps_the_head_for_mo
         assert torch.equal(head(one[:, i : i + 1]), head(one)[:, i : i + 1])
     two = torch.randn(2, 1, 128).to(torch.bfloat16)
     assert torch.equal(head(two), linear(two))  # two rows: the wrapped head
+    scored = torch.randn(1, 5, 128).to(torch.bfloat16)
+    assert torch.equal(head(scored), linear(scored))  # a prompt of 5 positions scored: the wrapped head
     model = SimpleNamespace(head=torch.nn.Linear(64, 100, bias=True))
     model.get_output_embeddings = lambda: model.head
     assert not q8_head(model)  # a bias: kept as it is (and 100 outputs are not a multiple of 16)
+
+
+def test_q8_head_covers_the_longest_verification():
+    from llmapi.config import MAX_SPECULATIVE_TOKENS
+    from llmapi.engine.quantize import Q8_HEAD_POSITIONS
+
+    assert Q8_HEAD_POSITIONS >= 1 + MAX_SPECULATIVE_TOKENS  # a row's last token and its whole draft

@@ -31,6 +31,9 @@ INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default
 INT8_MM = torch.ops.aten._weight_int8pack_mm.default
 HEAD_FP32_ROWS = 8  # SplitHead: where fp32 overtakes emulated bf16 through a real model's head
 Q8_HEAD_ROWS = 1  # Q8Head: lanes of at most this many rows take the 8-bit head (two int4 calls cost more beyond)
+# ... and passes of at most this many positions: a verification's longest (1 + config.MAX_SPECULATIVE_TOKENS, a test
+# checks it), not a scored prompt's chunk, where two int4 calls of hundreds of rows would cost ten times bf16's one.
+Q8_HEAD_POSITIONS = 33
 
 
 def int4_qparams(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -172,13 +175,16 @@ class Q8Head(torch.nn.Module):
     SmolLM2's head (49,152 x 576), one row inside a decode step: 2.1 ms against 3.6 for bf16's (the bf16 weight is
     twice the bytes); from two rows on the two calls cost more than bf16's one (docs/performance.md, a lean step).
     The choice goes by the first dimension, a lane's rows, so that a verification (speculation.py) of a lane's
-    positions takes the same head as the lane's plain steps; the kernel computes each row on its own.
+    positions takes the same head as the lane's plain steps (the kernel computes each row on its own); a pass of more
+    than `positions` positions (a prompt scored for its logprobs) takes the wrapped head.
     """
 
-    def __init__(self, weight: torch.Tensor, fallback: torch.nn.Module, *, dtype: torch.dtype, rows: int) -> None:
+    def __init__(
+        self, weight: torch.Tensor, fallback: torch.nn.Module, *, dtype: torch.dtype, rows: int, positions: int
+    ) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.rows = rows
+        self.rows, self.positions = rows, positions
         self.fallback = fallback
         groups = weight.float().reshape(self.out_features, -1, INT4_GROUP)
         scale = groups.abs().amax(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / 127
@@ -192,11 +198,12 @@ class Q8Head(torch.nn.Module):
             self.register_buffer(f"{name}_scales_zeros", scales_zeros)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits: the 8-bit head for at most `rows` rows (x's first dimension), else the wrapped head's."""
-        if x.shape[0] > self.rows:
+        """Logits: the 8-bit head for at most `rows` rows (x's first dimension) of at most `positions` positions, else
+        the wrapped head's."""
+        flat = x.reshape(-1, self.in_features)
+        if x.shape[0] > self.rows or flat.shape[0] > self.rows * self.positions:
             return self.fallback(x)
         buffers = self._buffers
-        flat = x.reshape(-1, self.in_features)
         if flat.dtype != buffers["low_scales_zeros"].dtype:
             flat = flat.to(buffers["low_scales_zeros"].dtype)
         high = INT4_MM(flat, buffers["high_packed"], INT4_GROUP, buffers["high_scales_zeros"])
@@ -210,14 +217,16 @@ class Q8Head(torch.nn.Module):
         return (high + INT4_MM(eye, self.low_packed, INT4_GROUP, self.low_scales_zeros).float()).t()
 
 
-def q8_head(model: Any, *, dtype: torch.dtype = torch.bfloat16, rows: int = Q8_HEAD_ROWS) -> bool:
+def q8_head(
+    model: Any, *, dtype: torch.dtype = torch.bfloat16, rows: int = Q8_HEAD_ROWS, positions: int = Q8_HEAD_POSITIONS
+) -> bool:
     """Give an int4 model the Q8Head (in place, from its fp32 head); False where the head's shape does not allow it."""
     head = model.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear) or head.bias is not None:
         return False
     if head.in_features % INT4_GROUP or head.out_features % INT4_ROWS:
         return False
-    model.set_output_embeddings(Q8Head(head.weight.detach(), head, dtype=dtype, rows=rows))
+    model.set_output_embeddings(Q8Head(head.weight.detach(), head, dtype=dtype, rows=rows, positions=positions))
     return True
 
 
